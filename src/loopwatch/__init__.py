@@ -1,0 +1,32 @@
+"""loopwatch: what async buys a database-bound ASGI app, measured with its own traffic.
+
+app.add_middleware(LoopWatch)                 # records to ./loopwatch.jsonl
+pool = await create_pool(dsn, max_size=15)    # drop-in for asyncpg.create_pool
+"""
+
+from ._pg import (
+    InstrumentedConnection,
+    InstrumentedPool,
+    connect,
+    create_pool,
+    wrap_connection,
+    wrap_pool,
+)
+from ._version import __version__
+from .middleware import LoopWatch
+from .record import Meta, ProcessSample, RecordError, RequestRecord
+
+__all__ = [
+    "InstrumentedConnection",
+    "InstrumentedPool",
+    "LoopWatch",
+    "Meta",
+    "ProcessSample",
+    "RecordError",
+    "RequestRecord",
+    "__version__",
+    "connect",
+    "create_pool",
+    "wrap_connection",
+    "wrap_pool",
+]

@@ -1,0 +1,275 @@
+"""asyncpg instrumentation: proxies that time every awaited query and every pool wait.
+
+Nothing in asyncpg is patched. :func:`create_pool` and :func:`connect` return proxies
+around asyncpg's own pool and connection; every query path (the query methods, prepared
+statements, cursors, transactions, ``copy_*``, queries run on the pool) records the
+interval it was awaited on the current request's trace. Outside a request, or after a
+request has ended, a proxy only forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Generator
+from time import perf_counter_ns
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import asyncpg.connection
+
+from ._trace import current
+
+# asyncpg's Connection answers isinstance() for subclasses of this marker class, which is
+# how its own pool proxy passes as a Connection. Where it is missing, a proxy still works
+# but is not an instance of asyncpg.Connection.
+if TYPE_CHECKING:
+    _ConnectionBase = object
+else:
+    _ConnectionBase = getattr(asyncpg.connection, "_ConnectionProxy", object)
+
+_ALWAYS, _IF_SUSPENDED, _NEVER = 0, 1, 2
+
+
+async def _timed(awaitable: Awaitable[Any], pool: bool = False, count: int = _ALWAYS) -> Any:
+    """Await ``awaitable`` and record on the current trace how long it was suspended.
+
+    An await that never suspended (a cursor row already buffered, an idle pooled
+    connection) did not wait for the database, and records no interval.
+    """
+    trace = current.get()
+    if trace is None or not trace.open:
+        return await awaitable
+    steps = trace.steps
+    t0 = perf_counter_ns()
+    try:
+        return await awaitable
+    finally:
+        if trace.open:
+            suspended = trace.steps != steps
+            if suspended:
+                trace.add(trace.pool if pool else trace.db, t0, perf_counter_ns())
+            if count == _ALWAYS or (count == _IF_SUSPENDED and suspended):
+                trace.queries += 1
+
+
+def _query(name: str) -> Callable[..., Awaitable[Any]]:
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return await _timed(getattr(self._lw_inner, name)(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+class _Proxy:
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_lw_inner"), name)
+
+    def __repr__(self) -> str:
+        inner = object.__getattribute__(self, "_lw_inner")
+        return f"<loopwatch {type(self).__name__} of {inner!r}>"
+
+
+class InstrumentedConnection(_Proxy, _ConnectionBase):
+    """An asyncpg connection (or pool connection proxy) whose queries are timed."""
+
+    __slots__ = ("_lw_inner",)
+
+    def __init__(self, connection: Any) -> None:
+        self._lw_inner = connection
+
+    execute = _query("execute")
+    executemany = _query("executemany")
+    fetch = _query("fetch")
+    fetchval = _query("fetchval")
+    fetchrow = _query("fetchrow")
+    fetchmany = _query("fetchmany")
+    copy_from_table = _query("copy_from_table")
+    copy_from_query = _query("copy_from_query")
+    copy_to_table = _query("copy_to_table")
+    copy_records_to_table = _query("copy_records_to_table")
+
+    async def prepare(self, *args: Any, **kwargs: Any) -> InstrumentedStatement:
+        return InstrumentedStatement(await _timed(self._lw_inner.prepare(*args, **kwargs)))
+
+    def cursor(self, *args: Any, **kwargs: Any) -> InstrumentedCursorFactory:
+        return InstrumentedCursorFactory(self._lw_inner.cursor(*args, **kwargs))
+
+    def transaction(self, **kwargs: Any) -> InstrumentedTransaction:
+        return InstrumentedTransaction(self._lw_inner.transaction(**kwargs))
+
+
+class InstrumentedStatement(_Proxy):
+    """A prepared statement whose executions are timed."""
+
+    __slots__ = ("_lw_inner",)
+
+    def __init__(self, statement: Any) -> None:
+        self._lw_inner = statement
+
+    fetch = _query("fetch")
+    fetchval = _query("fetchval")
+    fetchrow = _query("fetchrow")
+    fetchmany = _query("fetchmany")
+    executemany = _query("executemany")
+    explain = _query("explain")
+
+    def cursor(self, *args: Any, **kwargs: Any) -> InstrumentedCursorFactory:
+        return InstrumentedCursorFactory(self._lw_inner.cursor(*args, **kwargs))
+
+
+class InstrumentedCursorFactory(_Proxy):
+    """``conn.cursor(...)``: iterate it (``async for``) or await it for a Cursor."""
+
+    __slots__ = ("_lw_inner",)
+
+    def __init__(self, factory: Any) -> None:
+        self._lw_inner = factory
+
+    def __aiter__(self) -> InstrumentedCursorIterator:
+        return InstrumentedCursorIterator(self._lw_inner.__aiter__())
+
+    def __await__(self) -> Generator[Any, None, InstrumentedCursor]:
+        return self._open().__await__()
+
+    async def _open(self) -> InstrumentedCursor:
+        return InstrumentedCursor(await _timed(self._lw_inner))
+
+
+class InstrumentedCursorIterator(_Proxy):
+    __slots__ = ("_lw_inner",)
+
+    def __init__(self, iterator: Any) -> None:
+        self._lw_inner = iterator
+
+    def __aiter__(self) -> InstrumentedCursorIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        # Rows come in batches: only the calls that went to the server count as queries.
+        return await _timed(self._lw_inner.__anext__(), count=_IF_SUSPENDED)
+
+
+class InstrumentedCursor(_Proxy):
+    __slots__ = ("_lw_inner",)
+
+    def __init__(self, cursor: Any) -> None:
+        self._lw_inner = cursor
+
+    fetch = _query("fetch")
+    fetchrow = _query("fetchrow")
+    forward = _query("forward")
+
+
+class InstrumentedTransaction(_Proxy):
+    """``conn.transaction()``: BEGIN, COMMIT and ROLLBACK are timed as queries."""
+
+    __slots__ = ("_lw_inner",)
+
+    def __init__(self, transaction: Any) -> None:
+        self._lw_inner = transaction
+
+    start = _query("start")
+    commit = _query("commit")
+    rollback = _query("rollback")
+
+    async def __aenter__(self) -> None:
+        await _timed(self._lw_inner.__aenter__())
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await _timed(self._lw_inner.__aexit__(*exc_info))
+
+
+class _Acquire:
+    """``pool.acquire()``: used with ``async with`` or awaited, like asyncpg's."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+
+    async def __aenter__(self) -> InstrumentedConnection:
+        return InstrumentedConnection(await _timed(self._ctx.__aenter__(), pool=True, count=_NEVER))
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        # Release awaits asyncpg's connection reset: database time, not a query.
+        await _timed(self._ctx.__aexit__(*exc_info), count=_NEVER)
+
+    def __await__(self) -> Generator[Any, None, InstrumentedConnection]:
+        return self._acquire().__await__()
+
+    async def _acquire(self) -> InstrumentedConnection:
+        return InstrumentedConnection(await _timed(self._ctx, pool=True, count=_NEVER))
+
+
+def _via_pool(name: str) -> Callable[..., Awaitable[Any]]:
+    async def method(self: InstrumentedPool, *args: Any, **kwargs: Any) -> Any:
+        async with self.acquire() as con:
+            return await getattr(con, name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+class InstrumentedPool(_Proxy):
+    """An asyncpg pool whose acquires and queries are timed. Await it (or ``async with``
+    it) to initialise it, as with ``asyncpg.create_pool``."""
+
+    __slots__ = ("_lw_inner",)
+
+    def __init__(self, pool: Any) -> None:
+        self._lw_inner = pool
+
+    def acquire(self, *, timeout: float | None = None) -> _Acquire:
+        return _Acquire(self._lw_inner.acquire(timeout=timeout))
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        if isinstance(connection, InstrumentedConnection):
+            connection = connection._lw_inner
+        await _timed(self._lw_inner.release(connection, timeout=timeout), count=_NEVER)
+
+    execute = _via_pool("execute")
+    executemany = _via_pool("executemany")
+    fetch = _via_pool("fetch")
+    fetchval = _via_pool("fetchval")
+    fetchrow = _via_pool("fetchrow")
+    fetchmany = _via_pool("fetchmany")
+    copy_from_table = _via_pool("copy_from_table")
+    copy_from_query = _via_pool("copy_from_query")
+    copy_to_table = _via_pool("copy_to_table")
+    copy_records_to_table = _via_pool("copy_records_to_table")
+
+    def __await__(self) -> Generator[Any, None, InstrumentedPool]:
+        return self._init().__await__()
+
+    async def _init(self) -> InstrumentedPool:
+        await self._lw_inner
+        return self
+
+    async def __aenter__(self) -> InstrumentedPool:
+        return await self._init()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._lw_inner.close()
+
+
+def create_pool(*args: Any, **kwargs: Any) -> InstrumentedPool:
+    """Drop-in for ``asyncpg.create_pool``: same arguments, a pool that behaves the same."""
+    return InstrumentedPool(asyncpg.create_pool(*args, **kwargs))
+
+
+async def connect(*args: Any, **kwargs: Any) -> InstrumentedConnection:
+    """Drop-in for ``asyncpg.connect``: same arguments, a connection that behaves the same."""
+    return InstrumentedConnection(await asyncpg.connect(*args, **kwargs))
+
+
+def wrap_pool(pool: Any) -> InstrumentedPool:
+    """Instrument a pool you already have (an ``asyncpg.Pool``)."""
+    return pool if isinstance(pool, InstrumentedPool) else InstrumentedPool(pool)
+
+
+def wrap_connection(connection: Any) -> InstrumentedConnection:
+    """Instrument a connection you already have (from ``asyncpg.connect`` or ``pool.acquire``)."""
+    if isinstance(connection, InstrumentedConnection):
+        return connection
+    return InstrumentedConnection(connection)

@@ -1,0 +1,143 @@
+"""Process-wide state: request ids, in-flight count, and the background sampler.
+
+The sampler thread reads the process's memory (RSS and USS, through psutil) and how
+busy the event loop's thread was (its CPU clock, read from the sampler thread), so the
+request path never pays for a psutil call. Every sample goes to the registered sinks as
+a :class:`~loopwatch.record.ProcessSample`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+
+from . import _failures
+from .record import ProcessSample
+
+ProcessSink = Callable[[ProcessSample], None]
+
+# With nothing happening, a sample is still written this often, so a reader can tell an
+# idle process from a dead one without the file growing by two lines a second.
+_IDLE_EVERY_S = 30.0
+
+
+class ProcessState:
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.prefix = secrets.token_hex(4)
+        self.ids = itertools.count(1)
+        self.in_flight = 0
+        self.requests = 0
+        self.rss: int | None = None
+        self.loop_thread: int | None = None
+        self.sinks: list[ProcessSink] = []
+        self.interval = 0.5
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def next_id(self) -> str:
+        return f"{self.prefix}-{next(self.ids)}"
+
+    def add_sink(self, sink: ProcessSink) -> None:
+        if sink not in self.sinks:
+            self.sinks.append(sink)
+
+    def ensure_sampler(self, interval: float) -> None:
+        """Start the sampler thread once per process (again in a forked child)."""
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is not None:
+                return
+            self.interval = interval
+            self._thread = threading.Thread(target=self._run, name="loopwatch-sampler", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        proc = psutil.Process(self.pid)
+        last_wall = time.monotonic()
+        last_cpu: int | None = None
+        clock_thread: int | None = None
+        last_requests = -1
+        last_emit = 0.0
+        while True:
+            time.sleep(self.interval)
+            try:
+                rss, uss = _memory(proc)
+                self.rss = rss
+                now = time.monotonic()
+                busy = None
+                if self.loop_thread is not None:
+                    if clock_thread != self.loop_thread:
+                        clock_thread, last_cpu = self.loop_thread, None
+                    cpu = _thread_cpu_ns(clock_thread)
+                    if cpu is not None and last_cpu is not None and now > last_wall:
+                        busy = min(1.0, max(0.0, (cpu - last_cpu) / ((now - last_wall) * 1e9)))
+                    last_cpu = cpu
+                last_wall = now
+                active = self.requests != last_requests or self.in_flight > 0
+                if not active and now - last_emit < _IDLE_EVERY_S:
+                    continue
+                last_requests, last_emit = self.requests, now
+                sample = ProcessSample(
+                    time=round(time.time(), 6),
+                    pid=self.pid,
+                    rss_bytes=rss,
+                    uss_bytes=uss,
+                    in_flight=self.in_flight,
+                    loop_busy=None if busy is None else round(busy, 4),
+                    requests=self.requests,
+                    dropped=_dropped(),
+                    errors=_failures.total(),
+                )
+                for sink in list(self.sinks):
+                    sink(sample)
+            except Exception as exc:
+                _failures.failed("process sampler", exc)
+
+
+def _memory(proc: psutil.Process) -> tuple[int | None, int | None]:
+    try:
+        full = proc.memory_full_info()
+        return int(full.rss), int(getattr(full, "uss", 0)) or None
+    except (psutil.Error, OSError):
+        try:
+            return int(proc.memory_info().rss), None
+        except (psutil.Error, OSError):
+            return None, None
+
+
+def _thread_cpu_ns(thread_ident: int) -> int | None:
+    # The loop thread's own CPU clock: busy share works the same on asyncio and uvloop,
+    # with no private hook into either loop.
+    try:
+        return time.clock_gettime_ns(time.pthread_getcpuclockid(thread_ident))
+    except (AttributeError, OSError):
+        return None
+
+
+def _dropped() -> int:
+    from . import _writer
+
+    return sum(w.dropped for w in list(_writer._live))
+
+
+state = ProcessState()
+
+
+def _after_fork() -> None:
+    # Reset in place: other modules hold a reference to ``state``.
+    sinks = state.sinks
+    state.__init__()  # type: ignore[misc]
+    state.sinks = sinks
+    _failures.reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)

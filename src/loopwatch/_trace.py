@@ -1,0 +1,161 @@
+"""The per-request trace: raw clock readings gathered while a request runs.
+
+Everything here runs on the event loop's thread in the request path, so it stores raw
+``perf_counter_ns``/``thread_time_ns`` integers in flat lists and leaves conversion to
+milliseconds to :meth:`Trace.to_record`, called once when the request ends.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from time import perf_counter_ns, thread_time_ns
+
+from .record import RequestRecord
+
+current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
+
+# Per request and per kind, at most this many intervals are kept for the timeline; the
+# totals stay exact past it, and the record says how many were dropped.
+MAX_INTERVALS = 512
+# CPU steps closer together than this are drawn as one stretch: far below any column of
+# a timeline, and it keeps a chatty request's record small.
+_MERGE_GAP_NS = 20_000
+
+
+class Trace:
+    """One request's measurements. Mutated only on the loop thread until it is closed."""
+
+    __slots__ = (
+        "cpu",
+        "cpu_ns",
+        "db",
+        "dropped",
+        "end_ns",
+        "method",
+        "open",
+        "path",
+        "pool",
+        "queries",
+        "start_ns",
+        "start_unix",
+        "status",
+        "step_c0",
+        "step_w0",
+        "steps",
+    )
+
+    def __init__(self, start_unix: float, start_ns: int, method: str, path: str) -> None:
+        self.start_unix = start_unix
+        self.start_ns = start_ns
+        self.method = method
+        self.path = path
+        self.status: int | None = None
+        self.open = True
+        self.end_ns = 0
+        self.cpu_ns = 0
+        # Start of the step running now (-1: none). A second timer that finds a step
+        # already running (an eager task's first step runs inside its parent's) stays out.
+        self.step_c0 = -1
+        self.step_w0 = 0
+        self.steps = 0
+        self.queries = 0
+        self.dropped = 0
+        # Flat [start, end, start, end, ...] perf_counter_ns intervals.
+        self.cpu: list[int] = []
+        self.db: list[int] = []
+        self.pool: list[int] = []
+
+    def end_step(self, c0: int, w0: int) -> None:
+        """Close the step begun at ``c0``/``w0`` (thread CPU and wall clock)."""
+        w1 = perf_counter_ns()
+        self.cpu_ns += thread_time_ns() - c0
+        self.step_c0 = -1
+        cpu = self.cpu
+        if cpu and w0 - cpu[-1] < _MERGE_GAP_NS:
+            cpu[-1] = w1
+        elif len(cpu) < 2 * MAX_INTERVALS:
+            cpu.append(w0)
+            cpu.append(w1)
+        else:
+            self.dropped += 1
+
+    def add(self, intervals: list[int], start: int, end: int) -> None:
+        """Add a ``db`` or ``pool`` interval."""
+        if len(intervals) < 2 * MAX_INTERVALS:
+            intervals.append(start)
+            intervals.append(end)
+        else:
+            self.dropped += 1
+
+    def close(self) -> None:
+        """End the request now: later steps and queries are no longer charged to it."""
+        if not self.open:
+            return
+        if self.step_c0 >= 0:
+            self.end_step(self.step_c0, self.step_w0)
+        self.open = False
+        self.end_ns = perf_counter_ns()
+
+    def to_record(
+        self,
+        rid: str,
+        pid: int,
+        route: str | None,
+        rss_bytes: int | None,
+        error: str | None,
+    ) -> RequestRecord:
+        start, end = self.start_ns, self.end_ns
+        db_ms, db_segs = _union(self.db, start, end)
+        pool_ms, pool_segs = _union(self.pool, start, end)
+        cpu = self.cpu
+        segments = [
+            ("cpu", _ms(cpu[i] - start), _ms(cpu[i + 1] - start)) for i in range(0, len(cpu), 2)
+        ]
+        segments += [("db", a, b) for a, b in db_segs]
+        segments += [("pool", a, b) for a, b in pool_segs]
+        segments.sort(key=_seg_start)
+        return RequestRecord(
+            id=rid,
+            pid=pid,
+            start=self.start_unix,
+            method=self.method,
+            path=self.path,
+            route=route,
+            status=self.status,
+            wall_ms=_ms(end - start),
+            cpu_ms=_ms(self.cpu_ns),
+            db_ms=db_ms,
+            pool_wait_ms=pool_ms,
+            db_queries=self.queries,
+            rss_bytes=rss_bytes,
+            segments=tuple(segments),
+            error=error,
+            segments_dropped=self.dropped,
+        )
+
+
+def _ms(ns: int) -> float:
+    return round(ns / 1e6, 3)
+
+
+def _seg_start(seg: tuple[str, float, float]) -> float:
+    return seg[1]
+
+
+def _union(flat: list[int], start: int, end: int) -> tuple[float, list[tuple[float, float]]]:
+    """Merge overlapping intervals (two queries in ``gather`` count once), clipped to the trace."""
+    if not flat:
+        return 0.0, []
+    pairs = sorted(zip(flat[::2], flat[1::2], strict=False))
+    merged: list[list[int]] = []
+    for a, b in pairs:
+        a, b = max(a, start), min(b, end)
+        if b <= a:
+            continue
+        if merged and a <= merged[-1][1]:
+            if b > merged[-1][1]:
+                merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    total = sum(b - a for a, b in merged)
+    return _ms(total), [(_ms(a - start), _ms(b - start)) for a, b in merged]

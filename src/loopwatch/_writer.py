@@ -1,0 +1,196 @@
+"""The record file: a background thread owns it, the request path only appends to a queue.
+
+Each batch of whole lines goes to the file in one ``write`` on a descriptor opened with
+``O_APPEND``, so several worker processes recording to the same path never interleave
+inside a line. The file is created with mode 0600 and never through a symlink.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Protocol
+
+from . import _failures
+from ._version import __version__
+from .record import Meta
+
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+_REOPEN_AFTER_S = 5.0
+
+
+class _Dictable(Protocol):
+    def to_dict(self) -> dict[str, object]: ...
+
+
+class FileWriter:
+    """Appends records to ``path`` as JSON lines from a background thread."""
+
+    def __init__(self, path: str, *, queue_size: int = 10_000, interval: float = 0.1) -> None:
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1, not {queue_size}.")
+        self.path = os.path.abspath(path)
+        self.queue_size = queue_size
+        self.interval = interval
+        self.dropped = 0  # records lost: queue full, file unwritable
+        self.written = 0
+        self._reset()
+        _live.add(self)
+
+    def _reset(self) -> None:
+        self._queue: deque[_Dictable] = deque()
+        self._lock = threading.Lock()  # one drain at a time
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._fd = -1
+        self._meta_written = False
+        self._next_open = 0.0
+
+    def submit(self, record: _Dictable) -> None:
+        """Queue a record; never blocks. A full queue drops the record and counts it."""
+        queue = self._queue
+        if len(queue) >= self.queue_size:
+            self.dropped += 1
+            self._wake.set()
+            return
+        queue.append(record)
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loopwatch-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything queued so far (from any thread)."""
+        with self._lock:
+            try:
+                self._drain()
+            except Exception as exc:  # a bug of ours must not kill the writer thread
+                _failures.failed("record writer", exc)
+
+    def _drain(self) -> None:
+        queue = self._queue
+        if not queue:
+            return
+        lines = []
+        while queue:
+            try:
+                rec = queue.popleft()
+            except IndexError:
+                break
+            try:
+                lines.append(json.dumps(rec.to_dict(), separators=(",", ":")))
+            except Exception as exc:
+                self.dropped += 1
+                _failures.failed("record serialisation", exc)
+        if not lines or not self._open():
+            self.dropped += len(lines)
+            return
+        if not self._meta_written:
+            meta = Meta(
+                pid=os.getpid(),
+                started=time.time(),
+                loopwatch=__version__,
+                python=sys.version.split()[0],
+            )
+            lines.insert(0, json.dumps(meta.to_dict(), separators=(",", ":")))
+        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            _failures.failed("writing the record file", exc, self.path)
+            self.dropped += len(lines) - (0 if self._meta_written else 1)
+            return
+        self.written += len(lines) - (0 if self._meta_written else 1)
+        self._meta_written = True
+
+    def _open(self) -> bool:
+        if self._fd >= 0:
+            return True
+        now = time.monotonic()
+        if now < self._next_open:
+            return False
+        try:
+            self._fd = os.open(self.path, _FLAGS, 0o600)
+        except OSError as exc:
+            self._next_open = now + _REOPEN_AFTER_S
+            _failures.failed("opening the record file", exc, self.path)
+            return False
+        return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued, stop the thread and close the file."""
+        self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self.flush()
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        _live.discard(self)
+
+    def _after_fork_in_child(self) -> None:
+        # Threads do not survive a fork, and what the parent had queued is the parent's
+        # to write. The child writes its own meta line on its own descriptor.
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self.dropped = 0
+        self.written = 0
+        self._reset()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+_live: weakref.WeakSet[FileWriter] = weakref.WeakSet()
+_shared: dict[tuple[str, int], FileWriter] = {}
+
+
+def writer_for(path: str, queue_size: int) -> FileWriter:
+    """One writer per path and queue size in a process, shared by every middleware using it."""
+    key = (os.path.abspath(path), queue_size)
+    writer = _shared.get(key)
+    if writer is None:
+        writer = _shared[key] = FileWriter(path, queue_size=queue_size)
+    return writer
+
+
+def _close_all() -> None:
+    for writer in list(_live):
+        try:
+            writer.close()
+        except Exception as exc:
+            _failures.failed("closing the record file", exc)
+
+
+def _after_fork() -> None:
+    for writer in list(_live):
+        writer._after_fork_in_child()
+
+
+atexit.register(_close_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)

@@ -1,0 +1,134 @@
+"""The LoopWatch ASGI middleware: one trace per HTTP request, handed to sinks at its end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from time import perf_counter_ns
+from typing import Any
+
+from . import _failures, _routes
+from ._process import state
+from ._steps import StepTimer, install_task_factory
+from ._trace import Trace, current
+from ._writer import writer_for
+from .record import RequestRecord
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[Message], Any]
+ASGIApp = Callable[[Scope, Receive, Send], Any]
+RequestSink = Callable[[RequestRecord], None]
+
+_DEFAULT_FILE = "loopwatch.jsonl"
+_FROM_ENV: Any = object()
+
+
+class LoopWatch:
+    """Record, for every HTTP request, its CPU on the event loop, awaited DB time,
+    pool wait and the process's memory.
+
+    ``file`` is the record file's path (default ``$LOOPWATCH_FILE`` or
+    ``./loopwatch.jsonl``; ``None`` turns file recording off). ``sinks`` are extra
+    callables that receive each finished :class:`~loopwatch.record.RequestRecord` on the
+    event loop's thread; they must be quick and must not block.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        file: str | os.PathLike[str] | None = _FROM_ENV,
+        *,
+        sinks: Iterable[RequestSink] = (),
+        queue_size: int = 10_000,
+        sample_interval: float = 0.5,
+    ) -> None:
+        if file is _FROM_ENV:
+            file = os.environ.get("LOOPWATCH_FILE") or _DEFAULT_FILE
+        if sample_interval <= 0:
+            raise ValueError(f"sample_interval must be positive, not {sample_interval!r}.")
+        self.app = app
+        self.sample_interval = sample_interval
+        self._sinks: list[RequestSink] = list(sinks)
+        if file is not None:
+            writer = writer_for(os.fspath(file), queue_size)
+            self._sinks.insert(0, writer.submit)
+            state.add_sink(writer.submit)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or current.get() is not None:
+            await self.app(scope, receive, send)
+            return
+
+        try:
+            trace = self._begin(scope)
+        except Exception as exc:
+            _failures.failed("starting a request trace", exc)
+            await self.app(scope, receive, send)
+            return
+
+        expect_trailers = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal expect_trailers
+            kind = message["type"]
+            final = False
+            if kind == "http.response.start":
+                trace.status = message.get("status")
+                expect_trailers = bool(message.get("trailers", False))
+            elif kind == "http.response.body" or kind == "http.response.zerocopysend":
+                final = not message.get("more_body", False) and not expect_trailers
+            elif kind == "http.response.trailers":
+                final = not message.get("more_trailers", False)
+            elif kind == "http.response.pathsend":
+                final = True
+            await send(message)
+            if final:
+                self._end(trace, scope, root_path, None)
+
+        root_path = scope.get("root_path", "")
+        token = current.set(trace)
+        try:
+            await StepTimer(self.app(scope, receive, send_wrapper), trace)
+        except BaseException as exc:
+            if trace.open:
+                if trace.status is None:
+                    trace.status = 500  # what an ASGI server sends for an app that fails
+                self._end(trace, scope, root_path, type(exc).__name__)
+            raise
+        finally:
+            current.reset(token)
+        if trace.open:  # the app returned without a final body (e.g. it never responded)
+            self._end(trace, scope, root_path, None)
+
+    def _begin(self, scope: Scope) -> Trace:
+        loop = asyncio.get_running_loop()
+        install_task_factory(loop)
+        st = state
+        if st.loop_thread is None:
+            st.loop_thread = threading.get_ident()
+            st.ensure_sampler(self.sample_interval)
+        st.in_flight += 1
+        return Trace(time.time(), perf_counter_ns(), scope.get("method", ""), scope.get("path", ""))
+
+    def _end(self, trace: Trace, scope: Scope, root_path: str, error: str | None) -> None:
+        trace.close()
+        st = state
+        st.in_flight -= 1
+        st.requests += 1
+        try:
+            record = trace.to_record(
+                st.next_id(), st.pid, _routes.route_template(scope, root_path), st.rss, error
+            )
+        except Exception as exc:
+            _failures.failed("building a request record", exc)
+            return
+        for sink in self._sinks:
+            try:
+                sink(record)
+            except Exception as exc:
+                _failures.failed(f"request sink {getattr(sink, '__qualname__', sink)!r}", exc)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real PostgreSQL, and a real uvicorn server in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """A real PostgreSQL: $LOOPWATCH_TEST_DSN, or an embedded one (pgserver) for the session."""
+    dsn = os.environ.get("LOOPWATCH_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    import pgserver
+
+    # A short path: the server's unix socket lives in it, and socket paths are limited.
+    datadir = tempfile.mkdtemp(prefix="lwpg-")
+    server = pgserver.get_server(datadir, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        with contextlib.suppress(Exception):
+            server.cleanup()
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+@pytest.fixture
+def record_file(tmp_path: Path) -> Path:
+    return tmp_path / "records.jsonl"
+
+
+@contextlib.contextmanager
+def serve(
+    app: str,
+    env: dict[str, str],
+    *,
+    loop: str = "asyncio",
+    extra_args: tuple[str, ...] = (),
+    command: list[str] | None = None,
+) -> Iterator[Server]:
+    """Serve ``app`` (module:attr) with uvicorn on 127.0.0.1 in a subprocess."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    if command is None:
+        sock.listen(2048)
+        cmd = [sys.executable, "-m", "uvicorn", app, "--fd", str(sock.fileno()), "--loop", loop,
+               "--no-access-log", "--log-level", "warning", "--backlog", "2048", *extra_args]
+        proc = subprocess.Popen(cmd, env=full_env, pass_fds=[sock.fileno()], cwd=ROOT)
+    else:
+        sock.close()
+        cmd = [c.replace("{port}", str(port)) for c in command]
+        proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT)
+    server = Server(f"http://127.0.0.1:{port}", proc)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        sock.close()
+        server.stop()

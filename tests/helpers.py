@@ -1,0 +1,78 @@
+"""Helpers for tests: reading record files, stopping servers, burning CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen[bytes]) -> None:
+        self.url = url
+        self.proc = proc
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready")
+            try:
+                with urllib.request.urlopen(self.url + "/ready", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of a record file, each one required to be whole JSON."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            assert line.endswith("\n"), f"line {n} is not terminated: {line!r}"
+            out.append(json.loads(line))
+    return out
+
+
+def requests_in(path: Path) -> list[dict[str, Any]]:
+    return [d for d in read_lines(path) if d["type"] == "request"]
+
+
+def wait_for_requests(path: Path, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Records are written by a background thread; wait until ``n`` request lines are there."""
+    deadline = time.monotonic() + timeout
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        if path.exists():
+            found = requests_in(path)
+            if len(found) >= n:
+                return found
+        time.sleep(0.05)
+    raise AssertionError(f"expected {n} request records in {path}, found {len(found)}")
+
+
+def burn_cpu(ms: float) -> float:
+    """Spin until this thread has used ``ms`` of CPU; returns the CPU actually used (ms)."""
+    start = time.thread_time_ns()
+    target = start + int(ms * 1e6)
+    x = 0
+    while time.thread_time_ns() < target:
+        for i in range(200):
+            x += i * i
+    return (time.thread_time_ns() - start) / 1e6
