@@ -38,13 +38,13 @@ async def _timed(awaitable: Awaitable[Any], pool: bool = False, count: int = _AL
     trace = current.get()
     if trace is None or not trace.open:
         return await awaitable
-    steps = trace.steps
+    step = trace.step_w0
     t0 = perf_counter_ns()
     try:
         return await awaitable
     finally:
         if trace.open:
-            suspended = trace.steps != steps
+            suspended = trace.step_w0 != step
             if suspended:
                 trace.add(trace.pool if pool else trace.db, t0, perf_counter_ns())
             if count == _ALWAYS or (count == _IF_SUSPENDED and suspended):

@@ -41,9 +41,6 @@ class ProcessState:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def next_id(self) -> str:
-        return f"{self.prefix}-{next(self.ids)}"
-
     def add_sink(self, sink: ProcessSink) -> None:
         if sink not in self.sinks:
             self.sinks.append(sink)

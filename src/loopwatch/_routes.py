@@ -12,7 +12,8 @@ import contextlib
 import weakref
 from typing import Any
 
-_indexes: weakref.WeakKeyDictionary[Any, dict[Any, list[Any]]] = weakref.WeakKeyDictionary()
+_MAX_APPS = 64
+_indexes: dict[int, tuple[weakref.ref[Any], dict[Any, list[Any]]]] = {}
 
 
 def route_template(scope: dict[str, Any], root_path: str) -> str | None:
@@ -41,14 +42,19 @@ def _route_for(scope: dict[str, Any], endpoint: Any) -> Any:
     app = scope.get("app")
     if app is None:
         return None
-    try:
-        index = _indexes.get(app)
-    except TypeError:  # not weak-referenceable
-        return None
-    if index is None:
-        index = {}
-        _walk(getattr(app, "routes", ()), index, depth=0)
-        _indexes[app] = index
+    # Keyed by id() and checked through a weak reference: a WeakKeyDictionary look-up
+    # makes a new weak reference on every request.
+    entry = _indexes.get(id(app))
+    if entry is None or entry[0]() is not app:
+        try:
+            ref = weakref.ref(app)
+        except TypeError:  # not weak-referenceable
+            return None
+        if len(_indexes) >= _MAX_APPS:
+            _indexes.clear()
+        entry = _indexes[id(app)] = (ref, {})
+        _walk(getattr(app, "routes", ()), entry[1], depth=0)
+    index = entry[1]
     try:
         candidates = index.get(endpoint)
     except TypeError:  # unhashable endpoint

@@ -17,7 +17,7 @@ from time import perf_counter_ns, thread_time_ns
 from types import TracebackType
 from typing import Any
 
-from ._trace import Trace, current
+from ._trace import IDLE, Trace, current
 
 
 class StepTimer(Coroutine[Any, Any, Any]):
@@ -29,11 +29,10 @@ class StepTimer(Coroutine[Any, Any, Any]):
         self._coro = coro
         self._trace = trace
 
-    def send(self, value: Any) -> Any:
+    def send(self, value: Any = None) -> Any:
         trace = self._trace
-        if trace.step_c0 >= 0 or not trace.open:
+        if trace.step_c0 != IDLE:  # a step already running, or the request over
             return self._coro.send(value)
-        trace.steps += 1
         trace.step_w0 = w0 = perf_counter_ns()
         trace.step_c0 = c0 = thread_time_ns()
         try:
@@ -60,9 +59,8 @@ class StepTimer(Coroutine[Any, Any, Any]):
         if tb is not None:
             exc = exc.with_traceback(tb)
         trace = self._trace
-        if trace.step_c0 >= 0 or not trace.open:
+        if trace.step_c0 != IDLE:
             return self._coro.throw(exc)
-        trace.steps += 1
         trace.step_w0 = w0 = perf_counter_ns()
         trace.step_c0 = c0 = thread_time_ns()
         try:
@@ -74,8 +72,7 @@ class StepTimer(Coroutine[Any, Any, Any]):
     def close(self) -> None:
         self._coro.close()
 
-    def __next__(self) -> Any:
-        return self.send(None)
+    __next__ = send  # how the awaiting coroutine (and a Task) sends None
 
     def __iter__(self) -> StepTimer:
         return self

@@ -14,6 +14,9 @@ from .record import RequestRecord
 
 current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
 
+IDLE = -1
+CLOSED = -2
+
 # Per request and per kind, at most this many intervals are kept for the timeline; the
 # totals stay exact past it, and the record says how many were dropped.
 MAX_INTERVALS = 512
@@ -31,18 +34,32 @@ class Trace:
         "db",
         "dropped",
         "end_ns",
+        "error",
+        "id_prefix",
         "method",
         "open",
         "path",
+        "pid",
         "pool",
         "queries",
+        "route",
+        "rss",
+        "seq",
         "start_ns",
         "start_unix",
         "status",
         "step_c0",
         "step_w0",
-        "steps",
     )
+
+    # Set when the request ends.
+    route: str | None
+    error: str | None
+    rss: int | None
+    id_prefix: str
+    seq: int
+    pid: int
+    end_ns: int
 
     def __init__(self, start_unix: float, start_ns: int, method: str, path: str) -> None:
         self.start_unix = start_unix
@@ -50,14 +67,17 @@ class Trace:
         self.method = method
         self.path = path
         self.status: int | None = None
+        # route, error, rss, id_prefix, seq, pid and end_ns are set when the request ends.
         self.open = True
-        self.end_ns = 0
         self.cpu_ns = 0
-        # Start of the step running now (-1: none). A second timer that finds a step
-        # already running (an eager task's first step runs inside its parent's) stays out.
-        self.step_c0 = -1
-        self.step_w0 = 0
-        self.steps = 0
+        # The step timers' one test: IDLE means no step is running and the trace is open.
+        # Otherwise it is the thread CPU clock at the start of the running step (a second
+        # timer that finds a step running stays out: an eager task's first step runs
+        # inside its parent's), or CLOSED.
+        self.step_c0 = IDLE
+        # Wall clock at the start of the running (or last) step: a new value means the
+        # request was suspended in between.
+        self.step_w0 = start_ns
         self.queries = 0
         self.dropped = 0
         # Flat [start, end, start, end, ...] perf_counter_ns intervals.
@@ -69,7 +89,7 @@ class Trace:
         """Close the step begun at ``c0``/``w0`` (thread CPU and wall clock)."""
         w1 = perf_counter_ns()
         self.cpu_ns += thread_time_ns() - c0
-        self.step_c0 = -1
+        self.step_c0 = IDLE
         cpu = self.cpu
         if cpu and w0 - cpu[-1] < _MERGE_GAP_NS:
             cpu[-1] = w1
@@ -94,48 +114,49 @@ class Trace:
         if self.step_c0 >= 0:
             self.end_step(self.step_c0, self.step_w0)
         self.open = False
+        self.step_c0 = CLOSED
         self.end_ns = perf_counter_ns()
 
-    def to_record(
-        self,
-        rid: str,
-        pid: int,
-        route: str | None,
-        rss_bytes: int | None,
-        error: str | None,
-    ) -> RequestRecord:
+    def to_record(self) -> RequestRecord:
+        """The record of a closed trace (run off the request path, by the writer thread)."""
         start, end = self.start_ns, self.end_ns
-        db_ms, db_segs = _union(self.db, start, end)
-        pool_ms, pool_segs = _union(self.pool, start, end)
         cpu = self.cpu
         segments = [
             ("cpu", _ms(cpu[i] - start), _ms(cpu[i + 1] - start)) for i in range(0, len(cpu), 2)
         ]
-        segments += [("db", a, b) for a, b in db_segs]
-        segments += [("pool", a, b) for a, b in pool_segs]
-        segments.sort(key=_seg_start)
+        db_ms = pool_ms = 0.0
+        if self.db or self.pool:
+            db_ms, db_segs = _union(self.db, start, end)
+            pool_ms, pool_segs = _union(self.pool, start, end)
+            segments += [("db", a, b) for a, b in db_segs]
+            segments += [("pool", a, b) for a, b in pool_segs]
+            segments.sort(key=_seg_start)
         return RequestRecord(
-            id=rid,
-            pid=pid,
-            start=self.start_unix,
-            method=self.method,
-            path=self.path,
-            route=route,
-            status=self.status,
-            wall_ms=_ms(end - start),
-            cpu_ms=_ms(self.cpu_ns),
-            db_ms=db_ms,
-            pool_wait_ms=pool_ms,
-            db_queries=self.queries,
-            rss_bytes=rss_bytes,
-            segments=tuple(segments),
-            error=error,
-            segments_dropped=self.dropped,
+            f"{self.id_prefix}-{self.seq}",
+            self.pid,
+            self.start_unix,
+            self.method,
+            self.path,
+            self.route,
+            self.status,
+            _ms(end - start),
+            _ms(self.cpu_ns),
+            db_ms,
+            pool_ms,
+            self.queries,
+            self.rss,
+            tuple(segments),
+            self.error,
+            self.dropped,
         )
+
+    def to_json(self) -> str:
+        return self.to_record().to_json()
 
 
 def _ms(ns: int) -> float:
-    return round(ns / 1e6, 3)
+    # Microsecond resolution, without the cost of round().
+    return ns // 1000 / 1000
 
 
 def _seg_start(seg: tuple[str, float, float]) -> float:

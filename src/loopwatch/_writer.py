@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import sys
 import threading
@@ -26,8 +25,10 @@ _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_
 _REOPEN_AFTER_S = 5.0
 
 
-class _Dictable(Protocol):
-    def to_dict(self) -> dict[str, object]: ...
+class _Line(Protocol):
+    """A request trace or a record: anything that makes one line of the file."""
+
+    def to_json(self) -> str: ...
 
 
 class FileWriter:
@@ -45,7 +46,7 @@ class FileWriter:
         _live.add(self)
 
     def _reset(self) -> None:
-        self._queue: deque[_Dictable] = deque()
+        self._queue: deque[_Line] = deque()
         self._lock = threading.Lock()  # one drain at a time
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -54,7 +55,7 @@ class FileWriter:
         self._meta_written = False
         self._next_open = 0.0
 
-    def submit(self, record: _Dictable) -> None:
+    def submit(self, record: _Line) -> None:
         """Queue a record; never blocks. A full queue drops the record and counts it."""
         queue = self._queue
         if len(queue) >= self.queue_size:
@@ -94,7 +95,7 @@ class FileWriter:
             except IndexError:
                 break
             try:
-                lines.append(json.dumps(rec.to_dict(), separators=(",", ":")))
+                lines.append(rec.to_json())
             except Exception as exc:
                 self.dropped += 1
                 _failures.failed("record serialisation", exc)
@@ -108,7 +109,7 @@ class FileWriter:
                 loopwatch=__version__,
                 python=sys.version.split()[0],
             )
-            lines.insert(0, json.dumps(meta.to_dict(), separators=(",", ":")))
+            lines.insert(0, meta.to_json())
         data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
         try:
             _write_all(self._fd, data)

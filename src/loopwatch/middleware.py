@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from time import perf_counter_ns
+from types import CoroutineType
 from typing import Any
 
 from . import _failures, _routes
@@ -54,13 +55,20 @@ class LoopWatch:
         self.app = app
         self.sample_interval = sample_interval
         self._sinks: list[RequestSink] = list(sinks)
+        # The record file takes the closed trace itself: its writer thread turns it into a
+        # record and a line, keeping that work out of the request path.
+        self._trace_sinks: list[Callable[[Trace], None]] = []
         if file is not None:
             writer = writer_for(os.fspath(file), queue_size)
-            self._sinks.insert(0, writer.submit)
+            self._trace_sinks.append(writer.submit)
             state.add_sink(writer.submit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or current.get() is not None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        outer = current.get()
+        if outer is not None and outer.open:  # an outer LoopWatch records this request
             await self.app(scope, receive, send)
             return
 
@@ -93,7 +101,10 @@ class LoopWatch:
         root_path = scope.get("root_path", "")
         token = current.set(trace)
         try:
-            await StepTimer(self.app(scope, receive, send_wrapper), trace)
+            app_call = self.app(scope, receive, send_wrapper)
+            if type(app_call) is not CoroutineType:  # an app may return any awaitable
+                app_call = _as_coroutine(app_call)
+            await StepTimer(app_call, trace)
         except BaseException as exc:
             if trace.open:
                 if trace.status is None:
@@ -101,7 +112,12 @@ class LoopWatch:
                 self._end(trace, scope, root_path, type(exc).__name__)
             raise
         finally:
-            current.reset(token)
+            try:  # noqa: SIM105 (contextlib.suppress costs an object per request)
+                current.reset(token)
+            except ValueError:
+                # Closed from another context (the GC finalising a dropped task): there
+                # is nothing of ours to restore in that context.
+                pass
         if trace.open:  # the app returned without a final body (e.g. it never responded)
             self._end(trace, scope, root_path, None)
 
@@ -120,15 +136,27 @@ class LoopWatch:
         st = state
         st.in_flight -= 1
         st.requests += 1
+        trace.error = error
+        trace.rss = st.rss
+        trace.pid = st.pid
+        trace.id_prefix = st.prefix
+        trace.seq = next(st.ids)
         try:
-            record = trace.to_record(
-                st.next_id(), st.pid, _routes.route_template(scope, root_path), st.rss, error
-            )
+            trace.route = _routes.route_template(scope, root_path)
+            for trace_sink in self._trace_sinks:
+                trace_sink(trace)
+            if not self._sinks:
+                return
+            record = trace.to_record()
         except Exception as exc:
-            _failures.failed("building a request record", exc)
+            _failures.failed("recording a request", exc)
             return
         for sink in self._sinks:
             try:
                 sink(record)
             except Exception as exc:
                 _failures.failed(f"request sink {getattr(sink, '__qualname__', sink)!r}", exc)
+
+
+async def _as_coroutine(awaitable: Any) -> Any:
+    return await awaitable
