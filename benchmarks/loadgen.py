@@ -41,7 +41,12 @@ async def run(port: int, path: str, requests: int, connections: int) -> float:
 
 
 def main() -> None:
-    port, path, requests, connections = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    port, path, requests, connections = (
+        int(sys.argv[1]),
+        sys.argv[2],
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+    )
     try:
         import uvloop
 

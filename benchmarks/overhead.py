@@ -15,7 +15,6 @@ machine has two or more.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -57,7 +56,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(mode: str, dsn: str, record_dir: str, cpu: int | None) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(
+    mode: str, dsn: str, record_dir: str, cpu: int | None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {
         **os.environ,
@@ -66,8 +67,19 @@ def start_server(mode: str, dsn: str, record_dir: str, cpu: int | None) -> tuple
         "LOOPWATCH_FILE": os.path.join(record_dir, f"{mode}.jsonl"),
         "PYTHONPATH": str(HERE),
     }
-    cmd = [sys.executable, "-m", "uvicorn", "bench_app:app", "--port", str(port),
-           "--host", "127.0.0.1", "--no-access-log", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench_app:app",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     proc = subprocess.Popen(cmd, env=env, cwd=HERE)
@@ -90,7 +102,14 @@ def server_cpu_s(proc: subprocess.Popen[bytes]) -> float:
 
 def load(port: int, path: str, requests: int, connections: int, cpu: int | None) -> float:
     """Run the load generator in its own process; returns its requests per second."""
-    cmd = [sys.executable, str(HERE / "loadgen.py"), str(port), path, str(requests), str(connections)]
+    cmd = [
+        sys.executable,
+        str(HERE / "loadgen.py"),
+        str(port),
+        path,
+        str(requests),
+        str(connections),
+    ]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -98,7 +117,9 @@ def load(port: int, path: str, requests: int, connections: int, cpu: int | None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=20_000, help="requests per run")
     parser.add_argument("--rounds", type=int, default=5, help="runs per configuration")
     parser.add_argument("--connections", type=int, default=32)
@@ -110,11 +131,13 @@ def main() -> None:
     pin = os.cpu_count() is not None and (os.cpu_count() or 1) >= 2 and bool(_which("taskset"))
     server_cpu, client_cpu = (0, 1) if pin else (None, None)
 
-    raw: dict[str, dict[str, list[tuple[float, float]]]] = {m: {e: [] for e in ENDPOINTS} for m in modes}
+    raw: dict[str, dict[str, list[tuple[float, float]]]] = {
+        m: {e: [] for e in ENDPOINTS} for m in modes
+    }
     with database(args.dsn) as dsn, tempfile.TemporaryDirectory(prefix="lwbench-rec-") as rec:
         servers = {m: start_server(m, dsn, rec, server_cpu) for m in modes}
         try:
-            for m, (proc, port) in servers.items():  # warm up: imports, pools, caches
+            for _proc, port in servers.values():  # warm up: imports, pools, caches
                 for e in ENDPOINTS:
                     load(port, e, 2000, args.connections, client_cpu)
             for r in range(args.rounds):
@@ -126,24 +149,34 @@ def main() -> None:
                         time.sleep(0.3)  # let the record writer finish this run's lines
                         us = (server_cpu_s(proc) - c0) / args.requests * 1e6
                         raw[m][e].append((us, rps))
-                        print(f"round {r + 1} {e:9} {m:10} {us:7.1f} us/req  {rps:8.0f} req/s", file=sys.stderr)
+                        print(
+                            f"round {r + 1} {e:9} {m:10} {us:7.1f} us/req  {rps:8.0f} req/s",
+                            file=sys.stderr,
+                        )
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(10)
 
-    print(f"\n{args.requests} requests per run, {args.rounds} interleaved runs per configuration, "
-          f"{args.connections} connections; medians (min-max)\n")
-    print(f"{'endpoint':10} {'config':10} {'server CPU/req':>22} {'req/s':>20} {'added CPU':>10} {'CPU ratio':>10}")
+    print(
+        f"\n{args.requests} requests per run, {args.rounds} interleaved runs per configuration, "
+        f"{args.connections} connections; medians (min-max)\n"
+    )
+    print(
+        f"{'endpoint':10} {'config':10} {'server CPU/req':>22} {'req/s':>20} "
+        f"{'added CPU':>10} {'CPU ratio':>10}"
+    )
     for e in ENDPOINTS:
         base = statistics.median(us for us, _ in raw[modes[0]][e])
         for m in modes:
             us = [u for u, _ in raw[m][e]]
             rps = [x for _, x in raw[m][e]]
             med = statistics.median(us)
-            print(f"{e:10} {m:10} {med:8.1f} us ({min(us):5.1f}-{max(us):5.1f}) "
-                  f"{statistics.median(rps):8.0f} ({min(rps):4.0f}-{max(rps):4.0f}) "
-                  f"{med - base:+8.1f} us {med / base:9.3f}")
+            print(
+                f"{e:10} {m:10} {med:8.1f} us ({min(us):5.1f}-{max(us):5.1f}) "
+                f"{statistics.median(rps):8.0f} ({min(rps):4.0f}-{max(rps):4.0f}) "
+                f"{med - base:+8.1f} us {med / base:9.3f}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
 

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,8 +61,22 @@ def serve(
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     if command is None:
         sock.listen(2048)
-        cmd = [sys.executable, "-m", "uvicorn", app, "--fd", str(sock.fileno()), "--loop", loop,
-               "--no-access-log", "--log-level", "warning", "--backlog", "2048", *extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--fd",
+            str(sock.fileno()),
+            "--loop",
+            loop,
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--backlog",
+            "2048",
+            *extra_args,
+        ]
         proc = subprocess.Popen(cmd, env=full_env, pass_fds=[sock.fileno()], cwd=ROOT)
     else:
         sock.close()

@@ -25,9 +25,7 @@ def by_path(records: list[dict[str, Any]], prefix: str) -> dict[str, dict[str, A
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_single_request_matches_ground_truth(
-    pg_dsn: str, record_file: Path, loop: str
-) -> None:
+def test_single_request_matches_ground_truth(pg_dsn: str, record_file: Path, loop: str) -> None:
     env = {"LOOPWATCH_FILE": str(record_file), "LOOPWATCH_TEST_DSN": pg_dsn}
     with serve("tests.apps:app", env, loop=loop) as server:
         resp = httpx.get(f"{server.url}/work/1?cpu=30&db=100", timeout=30)

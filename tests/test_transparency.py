@@ -720,8 +720,6 @@ async def _wait_forever(scope: Scope, receive: Receive, send: Send) -> None:
     await asyncio.get_running_loop().create_future()
 
 
-
-
 @pytest.mark.parametrize(
     "wrap",
     [False, True],

@@ -8,6 +8,7 @@ milliseconds to :meth:`Trace.to_record`, called once when the request ends.
 from __future__ import annotations
 
 from contextvars import ContextVar
+from json.encoder import encode_basestring_ascii as _esc
 from time import perf_counter_ns, thread_time_ns
 
 from .record import RequestRecord
@@ -22,7 +23,8 @@ CLOSED = -2
 MAX_INTERVALS = 512
 # CPU steps closer together than this are drawn as one stretch: far below any column of
 # a timeline, and it keeps a chatty request's record small.
-_MERGE_GAP_NS = 20_000
+MERGE_GAP_NS = 20_000
+MAX_FLAT = 2 * MAX_INTERVALS  # the interval lists are flat: two numbers an interval
 
 
 class Trace:
@@ -91,9 +93,9 @@ class Trace:
         self.cpu_ns += thread_time_ns() - c0
         self.step_c0 = IDLE
         cpu = self.cpu
-        if cpu and w0 - cpu[-1] < _MERGE_GAP_NS:
+        if cpu and w0 - cpu[-1] < MERGE_GAP_NS:
             cpu[-1] = w1
-        elif len(cpu) < 2 * MAX_INTERVALS:
+        elif len(cpu) < MAX_FLAT:
             cpu.append(w0)
             cpu.append(w1)
         else:
@@ -101,7 +103,7 @@ class Trace:
 
     def add(self, intervals: list[int], start: int, end: int) -> None:
         """Add a ``db`` or ``pool`` interval."""
-        if len(intervals) < 2 * MAX_INTERVALS:
+        if len(intervals) < MAX_FLAT:
             intervals.append(start)
             intervals.append(end)
         else:
@@ -151,7 +153,38 @@ class Trace:
         )
 
     def to_json(self) -> str:
-        return self.to_record().to_json()
+        """The record file's line for this trace: ``to_record().to_json()`` without
+        building the record (the writer thread runs this once per request)."""
+        start = self.start_ns
+        cpu = self.cpu
+        spans = [("cpu", cpu[i] - start, cpu[i + 1] - start) for i in range(0, len(cpu), 2)]
+        db_ms = pool_ms = 0.0
+        if self.db or self.pool:
+            db_ms, db_segs = _union(self.db, start, self.end_ns)
+            pool_ms, pool_segs = _union(self.pool, start, self.end_ns)
+            segments = [(k, _ms(a), _ms(b)) for k, a, b in spans]
+            segments += [("db", a, b) for a, b in db_segs]
+            segments += [("pool", a, b) for a, b in pool_segs]
+            segments.sort(key=_seg_start)
+            segs = ",".join([f'["{k}",{a!r},{b!r}]' for k, a, b in segments])
+        else:
+            segs = ",".join([f'["cpu",{_ms(a)!r},{_ms(b)!r}]' for _, a, b in spans])
+        tail = ""
+        if self.error is not None:
+            tail += f',"error":{_esc(self.error)}'
+        if self.dropped:
+            tail += f',"segments_dropped":{self.dropped}'
+        route = "null" if self.route is None else _esc(self.route)
+        status = "null" if self.status is None else int(self.status)
+        rss = "null" if self.rss is None else self.rss
+        return (
+            f'{{"type":"request","id":"{self.id_prefix}-{self.seq}","pid":{self.pid},'
+            f'"start":{self.start_unix!r},"method":{_esc(self.method)},'
+            f'"path":{_esc(self.path)},"route":{route},"status":{status},'
+            f'"wall_ms":{_ms(self.end_ns - start)!r},"cpu_ms":{_ms(self.cpu_ns)!r},'
+            f'"db_ms":{db_ms!r},"pool_wait_ms":{pool_ms!r},"db_queries":{self.queries},'
+            f'"rss_bytes":{rss},"segments":[{segs}]{tail}}}'
+        )
 
 
 def _ms(ns: int) -> float:

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _failures, _routes
 from ._process import state
-from ._steps import StepTimer, install_task_factory
+from ._steps import StepTimer, TaskFactory, install_task_factory
 from ._trace import Trace, current
 from ._writer import writer_for
 from .record import RequestRecord
@@ -73,7 +73,15 @@ class LoopWatch:
             return
 
         try:
-            trace = self._begin(scope)
+            loop = asyncio.get_running_loop()
+            if type(loop.get_task_factory()) is not TaskFactory:
+                install_task_factory(loop)
+            st = state
+            if st.loop_thread is None:
+                st.loop_thread = threading.get_ident()
+                st.ensure_sampler(self.sample_interval)
+            st.in_flight += 1
+            trace = Trace(time.time(), perf_counter_ns(), scope["method"], scope["path"])
         except Exception as exc:
             _failures.failed("starting a request trace", exc)
             await self.app(scope, receive, send)
@@ -120,16 +128,6 @@ class LoopWatch:
                 pass
         if trace.open:  # the app returned without a final body (e.g. it never responded)
             self._end(trace, scope, root_path, None)
-
-    def _begin(self, scope: Scope) -> Trace:
-        loop = asyncio.get_running_loop()
-        install_task_factory(loop)
-        st = state
-        if st.loop_thread is None:
-            st.loop_thread = threading.get_ident()
-            st.ensure_sampler(self.sample_interval)
-        st.in_flight += 1
-        return Trace(time.time(), perf_counter_ns(), scope.get("method", ""), scope.get("path", ""))
 
     def _end(self, trace: Trace, scope: Scope, root_path: str, error: str | None) -> None:
         trace.close()
