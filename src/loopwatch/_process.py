@@ -63,8 +63,11 @@ class ProcessState:
         clock_thread: int | None = None
         last_requests = -1
         last_emit = 0.0
+        first = True
         while True:
-            time.sleep(self.interval)
+            if not first:  # the first sample at once: requests should not wait for memory
+                time.sleep(self.interval)
+            first = False
             try:
                 rss, uss = _memory(proc)
                 self.rss = rss
