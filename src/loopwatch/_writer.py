@@ -54,6 +54,7 @@ class FileWriter:
         self._fd = -1
         self._meta_written = False
         self._next_open = 0.0
+        self._torn = False  # a failed write left part of a line at the end of the file
 
     def submit(self, record: _Line) -> None:
         """Queue a record; never blocks. A full queue drops the record and counts it."""
@@ -111,12 +112,19 @@ class FileWriter:
             )
             lines.insert(0, meta.to_json())
         data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+        if self._torn:
+            # End the fragment a failed write left behind, or it swallows our first line.
+            data = b"\n" + data
         try:
-            _write_all(self._fd, data)
-        except OSError as exc:
+            done = _write_all(self._fd, data)
+        except _ShortWrite as exc:
+            done = exc.done
+            if done:
+                self._torn = data[done - 1] != 0x0A
             _failures.failed("writing the record file", exc, self.path)
             self.dropped += len(lines) - (0 if self._meta_written else 1)
             return
+        self._torn = False
         self.written += len(lines) - (0 if self._meta_written else 1)
         self._meta_written = True
 
@@ -141,11 +149,24 @@ class FileWriter:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
-        self.flush()
-        with self._lock:
+        # The thread may be stuck in open() or write() holding the lock (a FIFO nobody
+        # reads, a hung network mount): waiting for it would hang the process's exit.
+        if not self._lock.acquire(timeout=timeout):
+            self.dropped += len(self._queue)
+            self._queue.clear()
+            _failures.failed("closing the record file", TimeoutError("writer blocked"), self.path)
+            _live.discard(self)
+            return
+        try:
+            try:
+                self._drain()
+            except Exception as exc:
+                _failures.failed("record writer", exc)
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+        finally:
+            self._lock.release()
         _live.discard(self)
 
     def _after_fork_in_child(self) -> None:
@@ -159,11 +180,25 @@ class FileWriter:
         self._reset()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+class _ShortWrite(OSError):
+    """A write failed after ``done`` bytes of the batch reached the file."""
+
+    def __init__(self, exc: OSError, done: int) -> None:
+        super().__init__(exc.errno, exc.strerror)
+        self.done = done
+
+
+def _write_all(fd: int, data: bytes) -> int:
     view = memoryview(data)
+    done = 0
     while view:
-        n = os.write(fd, view)
+        try:
+            n = os.write(fd, view)
+        except OSError as exc:
+            raise _ShortWrite(exc, done) from exc
+        done += n
         view = view[n:]
+    return done
 
 
 _live: weakref.WeakSet[FileWriter] = weakref.WeakSet()
