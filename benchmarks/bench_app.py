@@ -4,6 +4,8 @@ BENCH_MODE=bare       Starlette + asyncpg, nothing else
 BENCH_MODE=loopwatch  the same with LoopWatch (record file written) and loopwatch.create_pool
 BENCH_MODE=lw-nofile  diagnostic: LoopWatch(file=None) and loopwatch.create_pool
 BENCH_MODE=lw-mw      diagnostic: LoopWatch (record file written) over a plain asyncpg pool
+BENCH_MODE=lw-nofile-nocpu  diagnostic: lw-nofile with the wall clock standing in for the
+                      thread CPU clock
 BENCH_DSN             the PostgreSQL to query; LOOPWATCH_FILE the record file
 """
 
@@ -53,7 +55,7 @@ async def query(request: Request) -> Response:
 middleware = []
 if MODE in ("loopwatch", "lw-mw"):
     middleware = [Middleware(loopwatch.LoopWatch)]
-elif MODE == "lw-nofile":
+elif MODE in ("lw-nofile", "lw-nofile-nocpu"):
     middleware = [Middleware(loopwatch.LoopWatch, file=None)]
 app = Starlette(
     routes=[Route("/trivial", trivial), Route("/query", query)],
@@ -61,7 +63,7 @@ app = Starlette(
     lifespan=lifespan,
 )
 
-if os.environ.get("BENCH_NO_CPU_CLOCK"):  # diagnostic: what the thread CPU clock costs
+if MODE == "lw-nofile-nocpu":  # diagnostic: what the thread CPU clock costs
     import time
 
     import loopwatch._steps
@@ -69,3 +71,63 @@ if os.environ.get("BENCH_NO_CPU_CLOCK"):  # diagnostic: what the thread CPU cloc
 
     loopwatch._steps.thread_time_ns = time.perf_counter_ns  # type: ignore[attr-defined]
     loopwatch._trace.thread_time_ns = time.perf_counter_ns  # type: ignore[attr-defined]
+
+if os.environ.get("BENCH_GC_OFF"):  # diagnostic: how much of the cost is garbage collection
+    import gc
+
+    gc.disable()
+
+_ablate = os.environ.get("BENCH_ABLATE", "")  # diagnostic: turn parts of loopwatch off
+if "factory" in _ablate:
+    import loopwatch.middleware
+
+    loopwatch.middleware.TaskFactory = type(None)  # type: ignore[misc,assignment]
+    loopwatch.middleware.install_task_factory = lambda loop: None  # type: ignore[assignment]
+if "timer" in _ablate:
+    import loopwatch.middleware
+
+    loopwatch.middleware.StepTimer = lambda coro, trace: coro  # type: ignore[assignment,misc]
+if "end" in _ablate:
+    import loopwatch.middleware
+
+    loopwatch.middleware.LoopWatch._end = lambda *a: a[1].close()  # type: ignore[method-assign]
+if "sampler" in _ablate:
+    import loopwatch._process
+
+    loopwatch._process.ProcessState.ensure_sampler = lambda self, interval: None  # type: ignore[method-assign]
+if "all" in _ablate:
+    import loopwatch.middleware
+
+    async def _passthrough(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    loopwatch.middleware.LoopWatch.__call__ = _passthrough  # type: ignore[method-assign]
+if "only" in _ablate:
+    import time as _time
+
+    import loopwatch._trace
+    import loopwatch.middleware
+
+    async def _only(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = None
+        if "onlytrace" in _ablate:
+            loopwatch._trace.Trace(
+                _time.time(), _time.perf_counter_ns(), scope["method"], scope["path"]
+            )
+        if "onlyctx" in _ablate:
+            token = loopwatch._trace.current.set(None)
+        if "onlywrap" in _ablate:
+
+            async def wrapper(message: Any) -> None:
+                await send(message)
+
+            await self.app(scope, receive, wrapper)
+        else:
+            await self.app(scope, receive, send)
+        if token is not None:
+            loopwatch._trace.current.reset(token)
+
+    loopwatch.middleware.LoopWatch.__call__ = _only  # type: ignore[method-assign]

@@ -125,23 +125,25 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--dsn", default=os.environ.get("LOOPWATCH_DSN"))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--endpoints", default=",".join(ENDPOINTS))
     parser.add_argument("--json", help="also write the raw figures to this file")
     args = parser.parse_args()
     modes = args.modes.split(",")
+    endpoints = args.endpoints.split(",")
     pin = os.cpu_count() is not None and (os.cpu_count() or 1) >= 2 and bool(_which("taskset"))
     server_cpu, client_cpu = (0, 1) if pin else (None, None)
 
     raw: dict[str, dict[str, list[tuple[float, float]]]] = {
-        m: {e: [] for e in ENDPOINTS} for m in modes
+        m: {e: [] for e in endpoints} for m in modes
     }
     with database(args.dsn) as dsn, tempfile.TemporaryDirectory(prefix="lwbench-rec-") as rec:
         servers = {m: start_server(m, dsn, rec, server_cpu) for m in modes}
         try:
             for _proc, port in servers.values():  # warm up: imports, pools, caches
-                for e in ENDPOINTS:
+                for e in endpoints:
                     load(port, e, 2000, args.connections, client_cpu)
             for r in range(args.rounds):
-                for e in ENDPOINTS:
+                for e in endpoints:
                     for m in modes:
                         proc, port = servers[m]
                         c0 = server_cpu_s(proc)
@@ -166,7 +168,7 @@ def main() -> None:
         f"{'endpoint':10} {'config':10} {'server CPU/req':>22} {'req/s':>20} "
         f"{'added CPU':>10} {'CPU ratio':>10}"
     )
-    for e in ENDPOINTS:
+    for e in endpoints:
         base = statistics.median(us for us, _ in raw[modes[0]][e])
         for m in modes:
             us = [u for u, _ in raw[m][e]]

@@ -119,20 +119,23 @@ class Trace:
         self.step_c0 = CLOSED
         self.end_ns = perf_counter_ns()
 
-    def to_record(self) -> RequestRecord:
-        """The record of a closed trace (run off the request path, by the writer thread)."""
-        start, end = self.start_ns, self.end_ns
+    def spans(self) -> tuple[int, int, list[tuple[int, str, int]]]:
+        """DB time, pool wait (ns, unions) and every interval as ``(start, kind, end)`` in
+        ns, sorted: the one computation behind both :meth:`to_record` and :meth:`to_json`."""
         cpu = self.cpu
-        segments = [
-            ("cpu", _ms(cpu[i] - start), _ms(cpu[i + 1] - start)) for i in range(0, len(cpu), 2)
-        ]
-        db_ms = pool_ms = 0.0
+        spans = [(cpu[i], "cpu", cpu[i + 1]) for i in range(0, len(cpu), 2)]
+        db_ns = pool_ns = 0
         if self.db or self.pool:
-            db_ms, db_segs = _union(self.db, start, end)
-            pool_ms, pool_segs = _union(self.pool, start, end)
-            segments += [("db", a, b) for a, b in db_segs]
-            segments += [("pool", a, b) for a, b in pool_segs]
-            segments.sort(key=_seg_start)
+            start, end = self.start_ns, self.end_ns
+            db_ns = _union(self.db, start, end, "db", spans)
+            pool_ns = _union(self.pool, start, end, "pool", spans)
+            spans.sort()
+        return db_ns, pool_ns, spans
+
+    def to_record(self) -> RequestRecord:
+        """The record of a closed trace."""
+        start = self.start_ns
+        db_ns, pool_ns, spans = self.spans()
         return RequestRecord(
             f"{self.id_prefix}-{self.seq}",
             self.pid,
@@ -141,13 +144,13 @@ class Trace:
             self.path,
             self.route,
             self.status,
-            _ms(end - start),
+            _ms(self.end_ns - start),
             _ms(self.cpu_ns),
-            db_ms,
-            pool_ms,
+            _ms(db_ns),
+            _ms(pool_ns),
             self.queries,
             self.rss,
-            tuple(segments),
+            tuple((k, _ms(a - start), _ms(b - start)) for a, k, b in spans),
             self.error,
             self.dropped,
         )
@@ -156,19 +159,13 @@ class Trace:
         """The record file's line for this trace: ``to_record().to_json()`` without
         building the record (the writer thread runs this once per request)."""
         start = self.start_ns
-        cpu = self.cpu
-        spans = [("cpu", cpu[i] - start, cpu[i + 1] - start) for i in range(0, len(cpu), 2)]
-        db_ms = pool_ms = 0.0
-        if self.db or self.pool:
-            db_ms, db_segs = _union(self.db, start, self.end_ns)
-            pool_ms, pool_segs = _union(self.pool, start, self.end_ns)
-            segments = [(k, _ms(a), _ms(b)) for k, a, b in spans]
-            segments += [("db", a, b) for a, b in db_segs]
-            segments += [("pool", a, b) for a, b in pool_segs]
-            segments.sort(key=_seg_start)
-            segs = ",".join([f'["{k}",{a!r},{b!r}]' for k, a, b in segments])
-        else:
-            segs = ",".join([f'["cpu",{_ms(a)!r},{_ms(b)!r}]' for _, a, b in spans])
+        db_ns, pool_ns, spans = self.spans()
+        segs = ",".join(
+            [
+                f'["{k}",{(a - start) // 1000 / 1000!r},{(b - start) // 1000 / 1000!r}]'
+                for a, k, b in spans
+            ]
+        )
         tail = ""
         if self.error is not None:
             tail += f',"error":{_esc(self.error)}'
@@ -182,7 +179,7 @@ class Trace:
             f'"start":{self.start_unix!r},"method":{_esc(self.method)},'
             f'"path":{_esc(self.path)},"route":{route},"status":{status},'
             f'"wall_ms":{_ms(self.end_ns - start)!r},"cpu_ms":{_ms(self.cpu_ns)!r},'
-            f'"db_ms":{db_ms!r},"pool_wait_ms":{pool_ms!r},"db_queries":{self.queries},'
+            f'"db_ms":{_ms(db_ns)!r},"pool_wait_ms":{_ms(pool_ns)!r},"db_queries":{self.queries},'
             f'"rss_bytes":{rss},"segments":[{segs}]{tail}}}'
         )
 
@@ -192,24 +189,31 @@ def _ms(ns: int) -> float:
     return ns // 1000 / 1000
 
 
-def _seg_start(seg: tuple[str, float, float]) -> float:
-    return seg[1]
-
-
-def _union(flat: list[int], start: int, end: int) -> tuple[float, list[tuple[float, float]]]:
-    """Merge overlapping intervals (two queries in ``gather`` count once), clipped to the trace."""
-    if not flat:
-        return 0.0, []
-    pairs = sorted(zip(flat[::2], flat[1::2], strict=False))
-    merged: list[list[int]] = []
-    for a, b in pairs:
+def _union(
+    flat: list[int], start: int, end: int, kind: str, out: list[tuple[int, str, int]]
+) -> int:
+    """Merge overlapping intervals (two queries in ``gather`` count once), clipped to
+    ``start``-``end``; append them to ``out`` and return their total length."""
+    if len(flat) == 2:  # the common case: one query, or one acquire
+        a, b = max(flat[0], start), min(flat[1], end)
+        if b <= a:
+            return 0
+        out.append((a, kind, b))
+        return b - a
+    total = 0
+    cur_a = cur_b = -1
+    for a, b in sorted(zip(flat[::2], flat[1::2], strict=True)):
         a, b = max(a, start), min(b, end)
         if b <= a:
             continue
-        if merged and a <= merged[-1][1]:
-            if b > merged[-1][1]:
-                merged[-1][1] = b
-        else:
-            merged.append([a, b])
-    total = sum(b - a for a, b in merged)
-    return _ms(total), [(_ms(a - start), _ms(b - start)) for a, b in merged]
+        if a <= cur_b:
+            cur_b = max(cur_b, b)
+            continue
+        if cur_b > cur_a:
+            out.append((cur_a, kind, cur_b))
+            total += cur_b - cur_a
+        cur_a, cur_b = a, b
+    if cur_b > cur_a:
+        out.append((cur_a, kind, cur_b))
+        total += cur_b - cur_a
+    return total
