@@ -17,7 +17,7 @@ from time import perf_counter_ns, thread_time_ns
 from types import TracebackType
 from typing import Any
 
-from ._trace import IDLE, MAX_FLAT, MERGE_GAP_NS, Trace, current
+from ._trace import IDLE, Trace, current
 
 
 class StepTimer(Coroutine[Any, Any, Any]):
@@ -40,18 +40,7 @@ class StepTimer(Coroutine[Any, Any, Any]):
         finally:
             # close() may have ended the step (and the request) from inside it.
             if trace.step_c0 == c0:
-                # Trace.end_step, inlined: this runs once per step of every request.
-                w1 = perf_counter_ns()
-                trace.cpu_ns += thread_time_ns() - c0
-                trace.step_c0 = IDLE
-                cpu = trace.cpu
-                if cpu and w0 - cpu[-1] < MERGE_GAP_NS:
-                    cpu[-1] = w1
-                elif len(cpu) < MAX_FLAT:
-                    cpu.append(w0)
-                    cpu.append(w1)
-                else:
-                    trace.dropped += 1
+                trace.end_step(c0, w0)
 
     def throw(
         self,
