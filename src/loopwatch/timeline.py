@@ -1,0 +1,317 @@
+"""The timeline: one row per request on a shared time axis, showing what each one waited on.
+
+A pure renderer: records and a width in, text out. See docs/timeline.md for how to read it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from itertools import groupby
+
+from ._text import clean, fmt_ms
+from .record import RequestRecord
+
+# Column states, in order of precedence: where segments overlap, or two states fill a
+# column equally, the lower index wins.
+CPU, POOL, DB, OTHER, IDLE = range(5)
+_KINDS = {"cpu": CPU, "pool": POOL, "db": DB}
+
+_GLYPHS = ("█", "▒", "░", "·", " ")
+_ASCII_GLYPHS = ("#", "%", ".", " ", " ")
+_COLORS = ("\x1b[1;33m", "\x1b[35m", "\x1b[34m", "\x1b[2m", "")
+_RESET = "\x1b[0m"
+_LEGEND = (
+    (CPU, "CPU on the event loop"),
+    (DB, "awaiting the database"),
+    (POOL, "waiting for a pool connection"),
+    (OTHER, "other waiting"),
+)
+
+_MIN_BAR = 8  # below this many bar columns, labels and annotations give way
+_MIN_ANNOTATION = 6  # an annotation column narrower than this says nothing useful
+_EMPTY_SPAN_MS = 1.0  # the window drawn when every request is a single instant
+
+
+def render_timeline(
+    requests: Sequence[RequestRecord],
+    width: int,
+    *,
+    ascii: bool = False,
+    color: bool = False,
+    start: float | None = None,
+    end: float | None = None,
+) -> str:
+    """Draw ``requests`` as one row each on a shared time axis, in at most ``width`` columns.
+
+    ``start`` and ``end`` (unix seconds) set the window; by default it runs from the
+    earliest request start to the latest request end. ``ascii`` draws with ASCII only;
+    ``color`` adds ANSI colours without changing the layout.
+    """
+    if width < 1:
+        raise ValueError(f"The timeline needs a width of at least 1 column, not {width}.")
+    glyphs = _ASCII_GLYPHS if ascii else _GLYPHS
+    ell = "..." if ascii else "…"
+    rows = sorted(
+        (r for r in requests if math.isfinite(r.start) and math.isfinite(r.wall_ms)),
+        key=lambda r: r.start,
+    )
+    if not rows:
+        return _fit("No requests to draw.", width, ell)
+
+    t0 = min(r.start for r in rows) if start is None else start
+    t1 = max(r.start + max(r.wall_ms, 0.0) / 1000 for r in rows) if end is None else end
+    span = (t1 - t0) * 1000
+    if not (math.isfinite(span) and span > 0):
+        span = _EMPTY_SPAN_MS
+
+    title = "time -->" if ascii else "time ──▶"
+    labels = [f"Req {i}:" for i in range(1, len(rows) + 1)]
+    indent = 2 if width >= 40 else 0
+    label_w = max(len(title), len(labels[-1]))
+    prefix = indent + label_w + 2
+    avail = width - prefix
+    if avail < _MIN_BAR:  # too narrow for labels: bars only
+        indent = label_w = prefix = 0
+        avail = width
+    parts = [_annotation_parts(r, ascii) for r in rows]
+    ann_room = 0
+    if prefix:
+        natural = _natural_width(parts)
+        ann_room = min(natural, avail - max(_MIN_BAR, avail // 2) - 2)
+        if ann_room < _MIN_ANNOTATION:
+            ann_room = 0
+    bar_w = avail - (ann_room + 2 if ann_room else 0)
+    notes = _annotations(parts, ann_room, ell) if ann_room else [""] * len(rows)
+
+    def head(text: str) -> str:
+        return " " * indent + text.ljust(label_w) + "  " if prefix else ""
+
+    lines = []
+    axis = _axis(span, bar_w, avail, ascii)
+    if axis.strip():
+        lines.append((head(title) + axis).rstrip())
+    for rec, label, note in zip(rows, labels, notes, strict=True):
+        states = _row_states(rec, (rec.start - t0) * 1000, span, bar_w)
+        bar = _paint(states, glyphs, color)
+        lines.append((head(label) + bar + ("  " + note if note else "")).rstrip())
+    lines.append("")
+    lines.extend(_legend(width, indent, glyphs, color, ascii, ell))
+    return "\n".join(lines)
+
+
+def _row_states(rec: RequestRecord, offset: float, span: float, n: int) -> list[int]:
+    """The state of each of ``n`` columns for one request starting ``offset`` ms into the window."""
+    col = span / n
+    wall = max(rec.wall_ms, 0.0)
+    states = [IDLE] * n
+    lo, hi = _cols(offset, offset + wall, col, n)
+    if lo < 0:
+        return states  # not in flight inside the window
+    acc = [[0.0] * n for _ in range(4)]
+    intervals, cpu_segs = _intervals(rec.segments, wall)
+    for k, a, b in intervals:  # inlined: this loop is most of the renderer's time
+        a += offset
+        b += offset
+        if a < 0.0:
+            a = 0.0
+        if b > span:
+            b = span
+        if b <= a:
+            continue
+        times = acc[k]
+        c0, c1 = int(a / col), int(b / col)
+        if c1 >= n:
+            c1 = n - 1
+            c0 = min(c0, c1)
+        if c0 == c1:
+            times[c0] += b - a
+            continue
+        times[c0] += (c0 + 1) * col - a
+        for c in range(c0 + 1, c1):
+            times[c] += col
+        times[c1] += b - c1 * col
+    cpu, pool, db, other = acc
+    for c in range(lo, hi + 1):
+        best, s = cpu[c], CPU
+        if pool[c] > best:
+            best, s = pool[c], POOL
+        if db[c] > best:
+            best, s = db[c], DB
+        if other[c] > best:
+            best, s = other[c], OTHER
+        if col - (cpu[c] + pool[c] + db[c] + other[c]) > best:
+            s = IDLE
+        states[c] = s
+    # A step shorter than a column still shows: short CPU is what a timeline is for.
+    for a, b in cpu_segs:
+        mid = int((offset + (a + b) / 2) / col)
+        mid = 0 if mid < 0 else n - 1 if mid >= n else mid
+        if states[mid] != CPU:
+            c0, c1 = _cols(offset + a, offset + b, col, n)
+            if c0 >= 0 and CPU not in states[c0 : c1 + 1]:
+                states[mid] = CPU
+    # So does a request shorter than a column, in the state it spent most time in.
+    if all(s == IDLE for s in states[lo : hi + 1]):
+        totals = [sum(acc[k][lo : hi + 1]) for k in range(4)]
+        state = max(range(4), key=totals.__getitem__) if any(totals) else OTHER
+        states[_col_of(offset + wall / 2, col, n)] = state
+    return states
+
+
+def _intervals(
+    segments: tuple[tuple[str, float, float], ...], wall: float
+) -> tuple[list[tuple[int, float, float]], list[tuple[float, float]]]:
+    """Disjoint (state, start, end) intervals covering [0, wall], overlaps resolved by
+    precedence; and the cpu segments, clipped to the request."""
+    events: list[tuple[float, int, int]] = []
+    cpu_segs: list[tuple[float, float]] = []
+    for kind, a, b in segments:
+        k = _KINDS.get(kind)
+        if k is None or not a <= wall:  # also drops NaN
+            continue
+        if a < 0.0:
+            a = 0.0
+        if b > wall:
+            b = wall
+        if k == CPU and b >= a:
+            cpu_segs.append((a, b))
+        if b > a:
+            events.append((a, k, 1))
+            events.append((b, k, -1))
+    events.sort()
+    out: list[tuple[int, float, float]] = []
+    counts = [0, 0, 0]
+    pos, last = 0.0, -1
+    for t, k, d in events:
+        if t > pos:
+            top = CPU if counts[CPU] else POOL if counts[POOL] else DB if counts[DB] else OTHER
+            if top == last:  # extend the previous interval
+                out[-1] = (top, out[-1][1], t)
+            else:
+                out.append((top, pos, t))
+            pos, last = t, top
+        counts[k] += d
+    if wall > pos:
+        out.append((OTHER, pos, wall))
+    return out, cpu_segs
+
+
+def _col_of(t: float, col: float, n: int) -> int:
+    return min(max(int(t / col), 0), n - 1)
+
+
+def _cols(a: float, b: float, col: float, n: int) -> tuple[int, int]:
+    """The first and last column that [a, b] covers, or (-1, -1) if it is outside the window.
+
+    A non-empty interval ending exactly on a column boundary does not touch the next column.
+    """
+    if b < 0 or a > col * n:
+        return -1, -1
+    c0, c1 = _col_of(a, col, n), _col_of(b, col, n)
+    if b > a and c1 > c0 and c1 * col >= b:
+        c1 -= 1
+    return c0, c1
+
+
+def _paint(states: list[int], glyphs: tuple[str, ...], color: bool) -> str:
+    if not color:
+        return "".join([glyphs[s] for s in states])
+    out = []
+    for s, run in groupby(states):
+        text = glyphs[s] * len(list(run))
+        # Spaces stay uncoloured, so stripping the codes gives back the plain layout.
+        out.append(f"{_COLORS[s]}{text}{_RESET}" if _COLORS[s] and text.strip() else text)
+    return "".join(out)
+
+
+def _axis(span: float, bar_w: int, room: int, ascii: bool) -> str:
+    """Tick labels at a 1-2-5 step, as close together as they fit without touching."""
+    col = span / bar_w
+    for exp in range(-3, 13):
+        for m in (1, 2, 5):
+            step = m * 10.0**exp
+            if span / step > bar_w:
+                continue
+            ticks = [k * step for k in range(int(span / step + 1e-9) + 1)]
+            texts = [_tick_label(t, step, ascii) for t in ticks]
+            pos = [round(t / col) for t in ticks]
+            if all(pos[i + 1] - pos[i] >= len(texts[i]) + 2 for i in range(len(ticks) - 1)):
+                line = ""
+                for p, text in zip(pos, texts, strict=True):
+                    if p + len(text) <= room:
+                        line = line.ljust(p) + text
+                return line
+    return ""  # unreachable: the largest step leaves a single tick
+
+
+def _tick_label(ms: float, step: float, ascii: bool) -> str:
+    if step < 1:
+        value, unit = ms * 1000, "us" if ascii else "µs"
+    elif step < 1000:
+        value, unit = ms, "ms"
+    else:
+        value, unit = ms / 1000, "s"
+    return f"{round(value)}{unit}"
+
+
+def _annotation_parts(rec: RequestRecord, ascii: bool) -> tuple[str, str, str, str]:
+    where = rec.route if rec.route is not None else rec.path
+    outcome = clean(rec.error or "-").strip() if rec.status is None else str(rec.status)
+    parts = (clean(rec.method).strip(), clean(where).strip(), outcome, fmt_ms(rec.wall_ms))
+    if ascii:
+        return tuple(  # type: ignore[return-value]
+            p.replace("µ", "u").replace("…", "...").encode("ascii", "replace").decode()
+            for p in parts
+        )
+    return parts
+
+
+def _natural_width(parts: list[tuple[str, str, str, str]]) -> int:
+    return sum(max(len(p[i]) for p in parts) for i in range(4)) + 4
+
+
+def _annotations(parts: list[tuple[str, str, str, str]], room: int, ell: str) -> list[str]:
+    """Aligned "METHOD route status  wall" columns in ``room``: the route column gives way
+    first, then the whole left part; the wall time is kept longest."""
+    wm, wr, ws, ww = (max(len(p[i]) for p in parts) for i in range(4))
+    excess = _natural_width(parts) - room
+    if excess <= 0 or wr - excess >= 4:
+        wr -= max(excess, 0)
+        return [f"{m:<{wm}} {_fit(r, wr, ell):<{wr}} {s:<{ws}}  {w:>{ww}}" for m, r, s, w in parts]
+    left = room - ww - 2
+    if left < 4:
+        return [_fit(w, room, ell).rjust(room) for *_, w in parts]
+    return [f"{_fit(f'{m} {r} {s}', left, ell):<{left}}  {w:>{ww}}" for m, r, s, w in parts]
+
+
+def _legend(
+    width: int, indent: int, glyphs: tuple[str, ...], color: bool, ascii: bool, ell: str
+) -> list[str]:
+    """The legend entries, wrapped to ``width``; an entry too long for a line is shortened."""
+    lines: list[str] = []
+    plain, painted = "", ""
+    room = width - indent
+    for state, text in _LEGEND:
+        mark = "(space)" if ascii and glyphs[state] == " " else glyphs[state]
+        entry = _fit(f"{mark} {text}", room, ell)
+        shown = entry
+        if color and _COLORS[state] and entry.startswith(mark) and mark.strip():
+            shown = f"{_COLORS[state]}{mark}{_RESET}{entry[len(mark) :]}"
+        if plain and len(plain) + 3 + len(entry) <= room:
+            plain, painted = plain + "   " + entry, painted + "   " + shown
+        else:
+            if plain:
+                lines.append(" " * indent + painted)
+            plain, painted = entry, shown
+    lines.append(" " * indent + painted)
+    return lines
+
+
+def _fit(text: str, n: int, ell: str) -> str:
+    """``text``, shortened with ``ell`` to at most ``n`` characters."""
+    if len(text) <= n:
+        return text
+    if n < len(ell):
+        return text[:n]
+    return text[: n - len(ell)] + ell
