@@ -1,0 +1,270 @@
+"""The report engine behind ``loopwatch report``: record files in, a :class:`Report` out.
+
+:func:`build_report` reads the files in one streaming pass (see ``_reading``), summarises
+them, picks the timeline's window and reads just the window's records again in full. The
+``render_*`` functions are pure: a report in, text of at most ``width`` columns out.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import capacity as _capacity
+from . import summary as _summary
+from ._reading import MAX_ROUTES, Reading, read_files, read_records
+from ._text import clean
+from .capacity import Capacity
+from .record import RequestRecord
+from .summary import Summary, fmt_count, fmt_time
+
+__all__ = [
+    "Report",
+    "ReportError",
+    "ReportOptions",
+    "build_report",
+    "render_capacity",
+    "render_routes",
+    "render_summary",
+]
+
+
+@dataclass
+class ReportOptions:
+    """Which requests a report covers, and which of them its timeline draws."""
+
+    last: int | None = None  # timeline of the last N requests (by start)
+    slowest: int | None = None  # timeline of the N slowest (by wall_ms)
+    route: str | None = None  # only requests whose route template equals this
+    since: float | None = None  # Unix s, inclusive: requests starting at or after
+    until: float | None = None  # Unix s: requests starting before
+    rows: int = 40  # at most this many timeline rows in the default window
+
+
+class ReportError(Exception):
+    """Nothing usable was read; the message is one full sentence saying why."""
+
+
+@dataclass
+class Report:
+    window: list[RequestRecord]  # the timeline's requests, in start order
+    window_title: str
+    skipped_lines: int
+    problems: list[str]  # one-line notes for the user, clean()ed
+    summary: Summary
+    capacity: Capacity
+    scope: str = ""  # the filters, in words ("" for everything)
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.summary
+        peaks = [p.rss_peak for p in s.processes if p.rss_peak is not None]
+        return {
+            "requests": s.requests,
+            "wall_ms": s.wall.to_json(),
+            "cpu_ms": s.cpu.to_json(),
+            "db_ms": s.db.to_json(),
+            "pool_wait_ms": s.pool.to_json(),
+            "cpu_share": round(s.cpu_share, 4),
+            "peak_in_flight": s.in_flight.peak,
+            "p95_in_flight": s.in_flight.p95,
+            "busiest_at": s.in_flight.at,
+            "first_start": s.first_start,
+            "last_end": s.last_end,
+            "errors": s.errors,
+            "memory": {
+                "processes": len(s.processes),
+                "rss_bytes_total": sum(peaks) if peaks else None,
+                "by_pid": [p.to_json() for p in s.processes],
+            },
+            "capacity": self.capacity.to_json(),
+            "routes": [r.to_json() for r in s.routes],
+            "route_count": s.route_count,
+            "window": {"title": self.window_title, "requests": len(self.window)},
+            "scope": self.scope,
+            "skipped_lines": self.skipped_lines,
+            "files": self.files,
+            "problems": self.problems,
+        }
+
+
+def build_report(paths: Sequence[str], options: ReportOptions) -> Report:
+    """Read the record files at ``paths`` and summarise the requests ``options`` select.
+
+    Raises :class:`ReportError` only when no request at all could be used; everything
+    else that is wrong with the input is skipped, counted and noted in ``problems``.
+    """
+    for name in ("last", "slowest", "rows"):
+        n = getattr(options, name)
+        if n is not None and n < 1:
+            raise ValueError(f"ReportOptions.{name} must be at least 1, not {n!r}.")
+    if options.last is not None and options.slowest is not None:
+        raise ValueError("ReportOptions takes last or slowest, not both.")
+    if isinstance(paths, str):
+        paths = [paths]
+    scope = _scope(options)
+    reading = read_files(list(paths), options.route, options.since, options.until)
+    try:
+        if not reading.start:
+            raise ReportError(_nothing(reading, scope))
+        summary = _summary.summarise(reading)
+        indices, title = _window(reading, summary, options)
+        window, failed = read_records(reading, indices)
+    finally:
+        reading.close()
+    window.sort(key=lambda r: (r.start, r.id))
+    return Report(
+        window=window,
+        window_title=clean(title, 300),
+        skipped_lines=sum(f.skipped for f in reading.files),
+        problems=[clean(p, 500) for p in _problems(reading, summary, failed)],
+        summary=summary,
+        capacity=Capacity.of(summary),
+        scope=scope,
+        files=[
+            {
+                "path": f.name,
+                "lines": f.lines,
+                "requests": f.requests,
+                "skipped": f.skipped,
+                "error": f.error,
+            }
+            for f in reading.files
+        ],
+    )
+
+
+def render_summary(report: Report, width: int, *, color: bool = False) -> str:
+    """Counts, percentiles, CPU share, in-flight requests and memory."""
+    return _summary.render(report.summary, width, report.scope, report.skipped_lines, color)
+
+
+def render_routes(report: Report, width: int, *, color: bool = False) -> str:
+    """One row per route, by total wall time."""
+    return _summary.render_routes(report.summary, width, color)
+
+
+def render_capacity(report: Report, width: int, *, color: bool = False) -> str:
+    """Sync workers needed for the concurrency seen, against the async processes measured."""
+    return _capacity.render(report.capacity, width, color)
+
+
+def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], str]:
+    """The indices (into the reading's arrays) of the timeline's requests, and its title."""
+    n = len(r.start)
+    if options.last is not None:
+        picked = heapq.nlargest(options.last, range(n), key=r.start.__getitem__)
+        return picked, f"last {fmt_count(len(picked), 'request')}, by start"
+    if options.slowest is not None:
+        picked = heapq.nlargest(options.slowest, range(n), key=r.wall.__getitem__)
+        return picked, f"{fmt_count(len(picked), 'slowest request')}, by wall time"
+    at, peak = s.in_flight.at, s.in_flight.peak
+    inside = [
+        i
+        for i, (a, w) in enumerate(zip(r.start, r.wall, strict=True))
+        if a <= at and (at < a + w / 1000 or a == at)
+    ]
+    title = f"busiest moment: {fmt_count(peak, 'request')} in flight at {fmt_time(at, True)} UTC"
+    if len(inside) <= options.rows:
+        return inside, title
+    # Too many to draw: keep those that overlap most with a moment around the peak
+    # (half a median request either side), the shorter first, so the axis stays readable.
+    half = sorted(r.wall[i] for i in inside)[len(inside) // 2] / 2000
+    lo, hi = at - half, at + half
+
+    def key(i: int) -> tuple[float, float]:
+        a, w = r.start[i], r.wall[i]
+        return (-(min(a + w / 1000, hi) - max(a, lo)), w)
+
+    return sorted(inside, key=key)[: options.rows], f"{title} ({options.rows} shown)"
+
+
+def _scope(options: ReportOptions) -> str:
+    parts = []
+    if options.route is not None:
+        parts.append(f"route {clean(options.route)}")
+    if options.since is not None:
+        parts.append(f"starting at or after {fmt_time(options.since)} UTC")
+    if options.until is not None:
+        parts.append(f"starting before {fmt_time(options.until)} UTC")
+    return ", ".join(parts)
+
+
+def _nothing(r: Reading, scope: str) -> str:
+    total = sum(f.requests for f in r.files)
+    if total:
+        return f"nothing to report: none of the {fmt_count(total, 'request')} match ({scope})"
+    reasons = []
+    for f in r.files:
+        if f.duplicate:
+            continue
+        if f.error is not None:
+            reasons.append(f"cannot read {f.name}: {f.error}")
+        elif f.lines == 0:
+            tail = " but for an incomplete line" if f.incomplete_tail else ""
+            reasons.append(f"{f.name} is empty{tail}")
+        else:
+            reasons.append(f"no request lines in {f.name} ({_not_requests(f)})")
+    if len(r.files) == 1 and r.files[0].error is not None:
+        return clean(reasons[0], 500)
+    return clean("nothing to report: " + "; ".join(reasons), 500)
+
+
+def _not_requests(f: Any) -> str:
+    parts = []
+    strangers = f.malformed + f.overlong + f.unknown
+    if strangers:
+        parts.append(
+            f"{fmt_count(strangers, 'line')} {'was' if strangers == 1 else 'were'} "
+            "not loopwatch records"
+        )
+    for v, k in sorted(f.versions.items()):
+        parts.append(f"{fmt_count(k, 'line')} of record format version {v}, not supported")
+    if f.other:
+        parts.append(f"{fmt_count(f.other, 'meta or process line')} only")
+    return "; ".join(parts)
+
+
+def _problems(r: Reading, s: Summary, failed: int) -> list[str]:
+    out = []
+    for f in r.files:
+        if f.error is not None:
+            out.append(f"cannot read {f.name}: {f.error}")
+            continue
+        if f.duplicate:
+            out.append(f"{f.name} is the same file as one before it: read once")
+            continue
+        if f.lines == 0 and not f.incomplete_tail:
+            out.append(f"{f.name} is empty")
+        elif f.requests == 0:
+            out.append(f"no request lines in {f.name} ({_not_requests(f)})")
+        if f.malformed:
+            out.append(
+                f"{f.name}: {fmt_count(f.malformed, 'malformed line')} skipped "
+                f"(first at {f.first_malformed})"
+            )
+        if f.overlong:
+            out.append(f"{f.name}: {fmt_count(f.overlong, 'line')} longer than 1 MiB skipped")
+        for v, k in sorted(f.versions.items()):
+            out.append(
+                f"{f.name}: record format version {v} is not supported; "
+                f"{fmt_count(k, 'line')} skipped"
+            )
+        if f.incomplete_tail:
+            out.append(f"{f.name}: last line is incomplete (still being written?)")
+    for p in s.processes:
+        if p.dropped:
+            out.append(
+                f"pid {p.pid} lost {fmt_count(p.dropped, 'record')} (queue full or file "
+                "unwritable): they are not in this report"
+            )
+    if r.other_routes is not None:
+        out.append(f"more than {MAX_ROUTES} distinct routes: the rest are counted together")
+    if failed:
+        out.append(
+            f"{fmt_count(failed, 'request')} of the window could not be read again "
+            "(malformed, or the file changed) and are not drawn"
+        )
+    return out

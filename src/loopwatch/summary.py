@@ -1,0 +1,401 @@
+"""The summary and the per-route table: percentiles, in-flight counts, memory."""
+
+from __future__ import annotations
+
+import heapq
+import re
+import textwrap
+import unicodedata
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ._reading import Reading, RouteAcc
+from ._text import clean, fmt_bytes, fmt_ms
+
+ROUTE_ROWS = 20
+
+
+def percentile(sorted_values: Sequence[float], pct: int) -> float:
+    """Nearest rank: the smallest value with at least ``pct`` % of the values at or below it."""
+    n = len(sorted_values)
+    if n == 0:
+        return 0.0
+    return sorted_values[max(1, (pct * n + 99) // 100) - 1]
+
+
+@dataclass(frozen=True)
+class Distribution:
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Distribution:
+        s = sorted(values)
+        return cls(percentile(s, 50), percentile(s, 95), percentile(s, 99), s[-1] if s else 0.0)
+
+    def to_json(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in vars(self).items()}
+
+
+@dataclass(frozen=True)
+class InFlight:
+    peak: int
+    p95: int
+    at: float  # Unix s: the first instant the peak was reached
+
+
+def in_flight(starts: Sequence[float], walls: Sequence[float]) -> InFlight:
+    """Requests in flight at once across every process, seen at each request's start.
+
+    A request is in flight over [start, start + wall): one that ends exactly when another
+    starts does not overlap it. The count seen at a start includes the request itself.
+    """
+    # Sorted as lists of floats (32 bytes an item), kept as arrays (8): a million
+    # requests would otherwise hold 64 MB here.
+    s = array("d", sorted(starts))
+    ends = [a + w / 1000 for a, w in zip(starts, walls, strict=True)]
+    ends.sort()
+    e = array("d", ends)
+    del ends
+    n = len(s)
+    counts = array("I")
+    peak, at, j = 0, 0.0, 0
+    for i, x in enumerate(s):
+        while j < n and e[j] <= x:
+            j += 1
+        # Requests starting at the same instant are all in flight at it.
+        k = i + 1 if i + 1 == n or s[i + 1] != x else bisect_right(s, x, i)
+        c = max(k - j, 1)
+        counts.append(c)
+        if c > peak:
+            peak, at = c, x
+    del s, e
+    return InFlight(peak, int(percentile(sorted(counts), 95)), at)
+
+
+@dataclass(frozen=True)
+class RouteStats:
+    route: str  # clean()ed; "(no route)" or "(N more routes)"
+    requests: int
+    wall_p50: float
+    wall_p95: float
+    cpu_mean: float
+    db_mean: float
+    pool_mean: float
+    errors: int
+    wall_total: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "requests": self.requests,
+            "wall_p50_ms": round(self.wall_p50, 3),
+            "wall_p95_ms": round(self.wall_p95, 3),
+            "cpu_mean_ms": round(self.cpu_mean, 3),
+            "db_mean_ms": round(self.db_mean, 3),
+            "pool_wait_mean_ms": round(self.pool_mean, 3),
+            "errors": self.errors,
+            "wall_total_ms": round(self.wall_total, 3),
+        }
+
+
+def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteStats], int]:
+    """The routes by total wall time, at most ``rows`` (the rest in one row); and how many."""
+    accs = list(reading.routes.values())
+    if reading.other_routes is not None:
+        accs.append(reading.other_routes)
+    top = heapq.nlargest(rows if len(accs) <= rows else rows - 1, accs, key=lambda a: a.wall)
+    out = [_route_stats(a, "(no route)" if a.route is None else clean(a.route)) for a in top]
+    rest = [a for a in accs if not any(a is t for t in top)]
+    if rest:
+        merged = RouteAcc(None)
+        for a in rest:
+            merged.count += a.count
+            merged.wall += a.wall
+            merged.cpu += a.cpu
+            merged.db += a.db
+            merged.pool += a.pool
+            merged.errors += a.errors
+            merged.walls.extend(a.walls)
+        label = f"({len(rest)} more routes)"
+        if reading.other_routes is not None:
+            label = "(all other routes)"  # more routes than were told apart
+        out.append(_route_stats(merged, label))
+    return out, len(accs)
+
+
+def _route_stats(a: RouteAcc, name: str) -> RouteStats:
+    walls = sorted(a.walls)
+    n = max(a.count, 1)
+    return RouteStats(
+        route=name,
+        requests=a.count,
+        wall_p50=percentile(walls, 50),
+        wall_p95=percentile(walls, 95),
+        cpu_mean=a.cpu / n,
+        db_mean=a.db / n,
+        pool_mean=a.pool / n,
+        errors=a.errors,
+        wall_total=a.wall,
+    )
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    pid: int
+    requests: int
+    rss_peak: int | None
+    rss_low: int | None
+    uss_peak: int | None
+    uss_low: int | None
+    loop_busy_max: float | None
+    dropped: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "requests": self.requests,
+            "rss_bytes_max": self.rss_peak,
+            "rss_bytes_min": self.rss_low,
+            "uss_bytes_max": self.uss_peak,
+            "uss_bytes_min": self.uss_low,
+            "loop_busy_max": self.loop_busy_max,
+            "dropped": self.dropped,
+        }
+
+
+@dataclass
+class Summary:
+    requests: int
+    wall: Distribution
+    cpu: Distribution
+    db: Distribution
+    pool: Distribution
+    cpu_share: float
+    in_flight: InFlight
+    first_start: float
+    last_end: float
+    errors: int
+    processes: list[ProcessMemory]
+    routes: list[RouteStats]
+    route_count: int
+
+
+def summarise(r: Reading) -> Summary:
+    """Everything but the window, from pass 1's arrays. ``r`` must hold a request."""
+    wall_sum = sum(r.wall)
+    procs = [
+        ProcessMemory(
+            p.pid, p.requests, p.peak_rss, p.low_rss, p.uss_max, p.uss_min, p.busy_max, p.dropped
+        )
+        for p in sorted(r.processes.values(), key=lambda p: p.pid)
+    ]
+    routes, route_count = route_table(r)
+    return Summary(
+        requests=len(r.start),
+        wall=Distribution.of(r.wall),
+        cpu=Distribution.of(r.cpu),
+        db=Distribution.of(r.db),
+        pool=Distribution.of(r.pool),
+        cpu_share=sum(r.cpu) / wall_sum if wall_sum > 0 else 0.0,
+        in_flight=in_flight(r.start, r.wall),
+        first_start=min(r.start),
+        last_end=max(a + w / 1000 for a, w in zip(r.start, r.wall, strict=True)),
+        errors=r.errors,
+        processes=procs,
+        routes=routes,
+        route_count=route_count,
+    )
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+_LABELS = (("wall", "wall"), ("CPU on loop", "cpu"), ("awaited DB", "db"), ("pool wait", "pool"))
+
+
+def render(s: Summary, width: int, scope: str, skipped: int, color: bool) -> str:
+    lines: list[str] = []
+    head = (
+        f"Summary: {fmt_count(s.requests, 'request')}, "
+        f"{fmt_count(len(s.processes), 'process')}, {_period(s.first_start, s.last_end)}"
+    )
+    lines += [paint(line, "1", color) for line in wrap(head, width, "", "  ")]
+    if scope:
+        lines += wrap(f"only {scope}", width, "  ", "    ")
+    cols = max(1, min(4, (width - 13) // 9))
+    lines.append(
+        fit(" " * 13 + "".join(f"{h:>9}" for h in ("p50", "p95", "p99", "max")[:cols]), width)
+    )
+    for label, key in _LABELS:
+        d: Distribution = getattr(s, key)
+        values = (d.p50, d.p95, d.p99, d.max)[:cols]
+        lines.append(fit(f"  {label:<11}" + "".join(f"{fmt_ms(v):>9}" for v in values), width))
+    prose = [
+        f"CPU on the loop: {s.cpu_share:.1%} of wall time.",
+        f"In flight at once (all processes): peak {s.in_flight.peak:,}, p95 {s.in_flight.p95:,}.",
+        _memory_line(s.processes),
+    ]
+    if s.errors:
+        prose.append(f"Errors: {fmt_count(s.errors, 'request')} (status 500 or more, or raised).")
+    if skipped:
+        prose.append(f"Skipped: {fmt_count(skipped, 'line')} that could not be read.")
+    for text in prose:
+        lines += wrap(text, width, "  ", "    ")
+    return "\n".join(lines) + "\n"
+
+
+def _period(first: float, last: float) -> str:
+    a, b = fmt_time(first), fmt_time(last)
+    if a[:10] == b[:10]:
+        b = b[11:]
+    return f"{a} to {b} UTC ({fmt_span(last - first)})"
+
+
+def _memory_line(procs: list[ProcessMemory]) -> str:
+    known = [p for p in procs if p.rss_peak is not None]
+    if not known:
+        return "Memory: not measured."
+    if len(procs) == 1:
+        p = known[0]
+        uss = f" (USS {fmt_bytes(p.uss_peak)})" if p.uss_peak is not None else ""
+        return f"Memory: pid {p.pid}, peak RSS {fmt_bytes(p.rss_peak or 0)}{uss}."
+    rss = [p.rss_peak or 0 for p in known]
+    uss_peaks = [p.uss_peak for p in known if p.uss_peak is not None]
+    uss_text = f" (USS {_range(uss_peaks)})" if uss_peaks else ""
+    return (
+        f"Memory: {fmt_count(len(procs), 'process')}, peak RSS {_range(rss)} each{uss_text}, "
+        f"{fmt_bytes(sum(rss))} together."
+    )
+
+
+def _range(values: list[int]) -> str:
+    lo, hi = fmt_bytes(min(values)), fmt_bytes(max(values))
+    return lo if lo == hi else f"{lo}\u2013{hi}"
+
+
+_ROUTE_COLUMNS: tuple[
+    tuple[str, Callable[[RouteStats], str], int], ...
+] = (  # heading, value, priority (lower stays longer when narrow)
+    ("reqs", lambda r: f"{r.requests:,}", 0),
+    ("p50", lambda r: fmt_ms(r.wall_p50), 1),
+    ("p95", lambda r: fmt_ms(r.wall_p95), 2),
+    ("cpu", lambda r: fmt_ms(r.cpu_mean), 4),
+    ("db", lambda r: fmt_ms(r.db_mean), 3),
+    ("pool", lambda r: fmt_ms(r.pool_mean), 6),
+    ("errors", lambda r: f"{r.errors:,}", 5),
+)
+
+
+def render_routes(s: Summary, width: int, color: bool) -> str:
+    rows = s.routes
+    cells = [[fn(r) for _, fn, _ in _ROUTE_COLUMNS] for r in rows]
+    widths = [
+        max(len(h), *(len(c[i]) for c in cells)) + 2 for i, (h, _, _) in enumerate(_ROUTE_COLUMNS)
+    ]
+    names = [r.route for r in rows]
+    route_w = max(5, *(width_of(n) for n in names))
+    keep = set(range(len(_ROUTE_COLUMNS)))
+    # Drop the least important columns until a route name of 12 columns fits.
+    for i in sorted(keep, key=lambda i: -_ROUTE_COLUMNS[i][2]):
+        if 2 + min(route_w, 12) + sum(widths[j] for j in keep) <= width or len(keep) == 1:
+            break
+        keep.discard(i)
+    shown = sorted(keep)
+    route_w = max(1, min(route_w, width - 2 - sum(widths[i] for i in shown)))
+    title = "Routes, by total wall time (mean cpu, db and pool wait per request)"
+    lines = [paint(line, "1", color) for line in wrap(title, width, "", "  ")]
+    head = (
+        "  "
+        + pad("route", route_w)
+        + "".join(f"{_ROUTE_COLUMNS[i][0]:>{widths[i]}}" for i in shown)
+    )
+    lines.append(fit(head, width))
+    for name, row in zip(names, cells, strict=True):
+        text = "  " + pad(fit(name, route_w), route_w)
+        text += "".join(f"{row[i]:>{widths[i]}}" for i in shown)
+        lines.append(fit(text, width))
+    return "\n".join(lines) + "\n"
+
+
+# --- layout, shared with capacity ---------------------------------------------------------
+
+
+def width_of(text: str) -> int:
+    """Terminal columns ``text`` takes: wide East Asian characters take two, marks none."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(c) for c in text)
+
+
+def _char_width(c: str) -> int:
+    if unicodedata.combining(c):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in "WF" else 1
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` columns, with an ellipsis where it was cut."""
+    if width_of(text) <= width:
+        return text
+    out, used = [], 0
+    for c in text:
+        w = _char_width(c)
+        if used + w > width - 1:
+            break
+        out.append(c)
+        used += w
+    return "".join(out) + "…" if width >= 1 else ""
+
+
+def pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - width_of(text))
+
+
+def wrap(text: str, width: int, first: str, rest: str) -> list[str]:
+    """Prose wrapped at spaces to ``width`` columns, indented; words too long are cut."""
+    text = _UNIT.sub("\\1\0", text)  # keep "52 MB" on one line
+    lines = textwrap.wrap(
+        text, max(1, width), initial_indent=first, subsequent_indent=rest, break_on_hyphens=False
+    )
+    return [fit(line.replace("\0", " "), width) for line in lines]
+
+
+_UNIT = re.compile(r"(\d) (?=[kMG]?B\b)")
+
+
+def paint(text: str, sgr: str, color: bool) -> str:
+    """``text`` in an SGR colour or style (``"1"`` bold, ``"32"`` green) when ``color``."""
+    return f"\x1b[{sgr}m{text}\x1b[0m" if color and text else text
+
+
+def fmt_count(n: int, noun: str) -> str:
+    plural = noun + ("es" if noun.endswith("s") else "s")
+    return f"{n:,} {noun if n == 1 else plural}"
+
+
+def fmt_time(t: float, ms: bool = False) -> str:
+    """Unix seconds as a UTC date and time: 2026-11-24 20:41:03(.512)."""
+    try:
+        moment = datetime.fromtimestamp(t, timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return f"{t:.0f} (Unix s)"
+    text = moment.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text}.{moment.microsecond // 1000:03d}" if ms else text
+
+
+def fmt_span(seconds: float) -> str:
+    if seconds < 60:
+        return fmt_ms(seconds * 1000)
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {minutes}m"
+    return f"{hours // 24}d {hours % 24}h"
