@@ -1,0 +1,188 @@
+"""The ``loopwatch`` command: ``report`` reads record files, ``demo`` shows it working."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .report import (
+    Report,
+    ReportError,
+    ReportOptions,
+    build_report,
+    render_capacity,
+    render_routes,
+    render_summary,
+)
+from .timeline import render_timeline
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "report":
+            return _report(args)
+        return _demo(args)
+    except KeyboardInterrupt:
+        print("loopwatch: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `loopwatch report … | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def render(report: Report, width: int, *, ascii: bool = False, color: bool = False) -> str:
+    """The whole text report: timeline, summary, routes and capacity."""
+    parts = [
+        report.window_title,
+        render_timeline(report.window, width, ascii=ascii, color=color),
+        render_summary(report, width, color=color),
+        render_routes(report, width, color=color),
+        render_capacity(report, width, color=color),
+    ]
+    return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
+
+
+def _report(args: argparse.Namespace) -> int:
+    options = ReportOptions(
+        last=args.last, slowest=args.slowest, route=args.route, since=args.since, until=args.until
+    )
+    try:
+        report = build_report(args.files, options)
+    except ReportError as exc:
+        print(f"loopwatch: {exc}", file=sys.stderr)
+        return 1
+    for problem in report.problems:
+        print(f"loopwatch: note: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        sys.stdout.write(render(report, _width(args), ascii=args.ascii, color=_color()))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    dsn = args.dsn or os.environ.get("LOOPWATCH_DSN")
+    try:
+        with demo.temporary_workdir() as workdir:
+            record_file, seconds = demo.run(dsn, args.requests, Path(workdir), ascii=args.ascii)
+            report = build_report([str(record_file)], ReportOptions())
+    except (demo.DemoError, ReportError) as exc:
+        print(f"loopwatch: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.requests} concurrent requests, each a little CPU and a "
+        f"{demo_query_ms()} ms query, served by one process in {seconds * 1000:.0f} ms.\n"
+    )
+    sys.stdout.write(render(report, _width(args), ascii=args.ascii, color=_color()))
+    return 0
+
+
+def demo_query_ms() -> int:
+    from ._demo_app import QUERY_SECONDS
+
+    return round(QUERY_SECONDS * 1000)
+
+
+def _width(args: argparse.Namespace) -> int:
+    if args.width is not None:
+        return int(args.width)
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def _color() -> bool:
+    # https://no-color.org: any non-empty NO_COLOR turns colour off.
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return n
+
+
+def _width_arg(text: str) -> int:
+    n = _positive(text)
+    if n < 20:
+        raise argparse.ArgumentTypeError(f"a width of {n} is too narrow (at least 20)")
+    return n
+
+
+def _time(text: str) -> float:
+    """Unix seconds, or an ISO 8601 date and time (UTC unless it names a zone)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither Unix seconds nor an ISO 8601 time such as 2026-11-24T20:41:00"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopwatch",
+        description="What async buys a database-bound ASGI app, measured from its own traffic.",
+    )
+    parser.add_argument("--version", action="version", version=f"loopwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    report = sub.add_parser(
+        "report",
+        help="timelines, summary and capacity from record files",
+        description="Read record files (one or several, from several processes or hosts) "
+        "and print the timeline of a window, a summary, a per-route table and the "
+        "sync-versus-async capacity comparison.",
+    )
+    report.add_argument("files", nargs="+", metavar="FILE", help="record files (JSON lines)")
+    window = report.add_mutually_exclusive_group()
+    window.add_argument("--last", type=_positive, metavar="N", help="the last N requests")
+    window.add_argument("--slowest", type=_positive, metavar="N", help="the N slowest")
+    report.add_argument("--route", metavar="TEMPLATE", help="only this route: /items/{item_id}")
+    report.add_argument("--since", type=_time, metavar="TIME", help="only requests from TIME on")
+    report.add_argument("--until", type=_time, metavar="TIME", help="only requests before TIME")
+    _output_options(report)
+    report.add_argument("--json", action="store_true", help="the summary as JSON")
+
+    demo = sub.add_parser(
+        "demo",
+        help="serve 100 concurrent database-bound requests and report them",
+        description="Start an embedded PostgreSQL (unless --dsn or LOOPWATCH_DSN names "
+        "one), serve a small app with LoopWatch and a pool of 15 under uvicorn, send "
+        "concurrent requests, and print the report of that run.",
+    )
+    demo.add_argument("--dsn", help="PostgreSQL to use instead of an embedded one")
+    demo.add_argument("--requests", type=_positive, default=100, metavar="N")
+    _output_options(demo)
+    return parser
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--width", type=_width_arg, metavar="W", help="columns (default: terminal)")
+    parser.add_argument("--ascii", action="store_true", help="draw with # . %% instead of blocks")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""``loopwatch demo``: 100 concurrent database-bound requests against one async process.
+
+Starts an embedded PostgreSQL (pgserver) unless a DSN is given, serves the demo app
+(loopwatch._demo_app) with uvicorn in its own process on 127.0.0.1, sends the requests
+with a progress bar, stops the server (which flushes its record file) and returns the
+path of the records. Everything it starts and every file it writes is cleaned up, also on
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+INSTALL_HINT = "pip install 'loopwatch[demo]'"
+
+
+class DemoError(Exception):
+    """The demo could not run; the message says why and what to do."""
+
+
+def missing_packages(need_database: bool) -> list[str]:
+    names = ["uvicorn", "httpx"] + (["pgserver"] if need_database else [])
+    missing = []
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+@contextlib.contextmanager
+def database(dsn: str | None, workdir: Path) -> Iterator[str]:
+    """``dsn``, or an embedded PostgreSQL in ``workdir`` for the duration."""
+    if dsn:
+        yield dsn
+        return
+    from pgserver.postgres_server import get_server
+
+    datadir = workdir / "pg"
+    datadir.mkdir()
+    try:
+        server = get_server(datadir, cleanup_mode="delete")
+    except Exception as exc:
+        raise DemoError(f"could not start the embedded PostgreSQL: {exc}") from None
+    try:
+        yield server.get_uri()
+    finally:
+        with contextlib.suppress(Exception):
+            server.cleanup()
+
+
+@contextlib.contextmanager
+def server(dsn: str, record_file: Path) -> Iterator[str]:
+    """The demo app under uvicorn in a child process; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {**os.environ, "LOOPWATCH_DEMO_DSN": dsn, "LOOPWATCH_FILE": str(record_file)}
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "loopwatch._demo_app:create_app",
+           "--fd", str(sock.fileno()), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL)
+    sock.close()
+    try:
+        _wait_ready(url, proc)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # a clean exit writes the last records
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"the demo server exited with status {proc.returncode} at start-up.")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise DemoError("the demo server did not start within a minute.")
+
+
+async def fire(url: str, n: int, progress: Callable[[int], None]) -> float:
+    """Send ``n`` requests at once; returns the seconds they took."""
+    import httpx
+
+    done = 0
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def one(i: int) -> None:
+            nonlocal done
+            response = await client.get(f"/items/{i}")
+            response.raise_for_status()
+            done += 1
+            progress(done)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return time.perf_counter() - t0
+
+
+def progress_bar(total: int, out: TextIO, *, ascii: bool) -> Callable[[int], None]:
+    """A one-line progress bar on ``out`` when it is a terminal; otherwise silent."""
+    if not out.isatty():
+        return lambda done: None
+    full, empty = ("#", "-") if ascii else ("█", "·")
+
+    def show(done: int) -> None:
+        filled = 30 * done // total
+        out.write(f"\r  sending {total} requests  [{full * filled}{empty * (30 - filled)}] "
+                  f"{done}/{total}")  # fmt: skip
+        if done == total:
+            out.write("\n")
+        out.flush()
+
+    return show
+
+
+def run(
+    dsn: str | None, requests: int, workdir: Path, *, ascii: bool = False
+) -> tuple[Path, float]:
+    """Run the demo traffic; returns the record file (in ``workdir``) and the seconds taken."""
+    missing = missing_packages(need_database=not dsn)
+    if missing:
+        raise DemoError(f"loopwatch demo needs {', '.join(missing)}: {INSTALL_HINT}")
+    record_file = workdir / "loopwatch.jsonl"
+    with database(dsn, workdir) as url_dsn, server(url_dsn, record_file) as url:
+        bar = progress_bar(requests, sys.stderr, ascii=ascii)
+        try:
+            seconds = asyncio.run(fire(url, requests, bar))
+        except Exception as exc:
+            raise DemoError(f"the demo requests failed: {exc}") from None
+    return record_file, seconds
+
+
+def temporary_workdir() -> Any:
+    return tempfile.TemporaryDirectory(prefix="loopwatch-demo-")

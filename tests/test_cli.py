@@ -1,0 +1,247 @@
+"""The ``loopwatch`` command, run as a real process on real record files."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from .conftest import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def loopwatch(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loopwatch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str) -> Path:
+    """A record file from a real app run: 60 concurrent requests on two routes."""
+    path = tmp_path_factory.mktemp("cli") / "records.jsonl"
+    env = {"LOOPWATCH_FILE": str(path), "LOOPWATCH_TEST_DSN": pg_dsn, "POOL_MAX": "5"}
+    with serve("tests.apps:app", env) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            client.get("/plain")
+
+        async def fire() -> None:
+            import asyncio
+
+            limits = httpx.Limits(max_connections=60)
+            async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as c:
+                await asyncio.gather(*(c.get(f"/work/{i}?cpu=1&db=30") for i in range(60)))
+
+        import asyncio
+
+        asyncio.run(fire())
+    return path  # the server has exited: every record is written
+
+
+def test_report_prints_timeline_summary_and_capacity(recorded: Path) -> None:
+    result = loopwatch("report", str(recorded), "--width", "120")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "█" in out
+    assert "░" in out
+    assert "SYNC" in out
+    assert "ASYNC" in out
+    assert "/work/{n}" in out
+    assert "\x1b" not in out, "no colour when stdout is not a terminal"
+    assert "Traceback" not in result.stderr
+    assert max(len(line) for line in out.splitlines()) <= 120
+
+
+def test_report_json_has_the_documented_keys(recorded: Path) -> None:
+    result = loopwatch("report", str(recorded), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["requests"] == 62  # /ready, /plain and 60 /work
+    for key in ("wall_ms", "cpu_ms", "db_ms", "pool_wait_ms"):
+        assert set(data[key]) >= {"p50", "p95", "p99", "max"}
+    assert data["db_ms"]["p50"] >= 30
+    assert data["peak_in_flight"] >= 30
+    assert 0 < data["cpu_share"] < 1
+    assert data["skipped_lines"] == 0
+    assert isinstance(data["capacity"], dict)
+
+
+def test_ascii_draws_without_block_characters(recorded: Path) -> None:
+    result = loopwatch("report", str(recorded), "--ascii", "--width", "100")
+    assert result.returncode == 0, result.stderr
+    timeline = result.stdout.split("\n\n")[1]
+    assert "#" in timeline
+    assert not set("█░▒") & set(result.stdout)
+
+
+def test_last_and_slowest_choose_the_window(recorded: Path) -> None:
+    last = loopwatch("report", str(recorded), "--last", "5", "--width", "120")
+    slowest = loopwatch("report", str(recorded), "--slowest", "3", "--width", "120")
+    assert last.returncode == slowest.returncode == 0
+    assert sum(line.lstrip().startswith("Req ") for line in last.stdout.splitlines()) == 5
+    assert sum(line.lstrip().startswith("Req ") for line in slowest.stdout.splitlines()) == 3
+
+
+def test_route_filter(recorded: Path) -> None:
+    result = loopwatch("report", str(recorded), "--route", "/plain", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["requests"] == 1
+
+
+def test_since_and_until_accept_unix_seconds_and_iso(recorded: Path) -> None:
+    future = loopwatch("report", str(recorded), "--since", "2100-01-01T00:00:00", "--json")
+    assert future.returncode == 1
+    assert "Traceback" not in future.stderr
+    everything = loopwatch("report", str(recorded), "--since", "0", "--until", "4102444800")
+    assert everything.returncode == 0, everything.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--width", "5"],
+        ["--last", "0"],
+        ["--since", "yesterday-ish"],
+        ["--last", "2", "--slowest", "2"],
+    ],
+)
+def test_bad_arguments_get_a_usage_error(recorded: Path, args: list[str]) -> None:
+    result = loopwatch("report", str(recorded), *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error:" in result.stderr
+
+
+def test_missing_file_is_one_clear_line(tmp_path: Path) -> None:
+    result = loopwatch("report", str(tmp_path / "nope.jsonl"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "nope.jsonl" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_one_missing_file_among_good_ones_is_a_note(recorded: Path, tmp_path: Path) -> None:
+    result = loopwatch("report", str(recorded), str(tmp_path / "gone.jsonl"), "--json")
+    assert result.returncode == 0
+    assert "gone.jsonl" in result.stderr
+    assert json.loads(result.stdout)["requests"] == 62
+
+
+def test_colour_on_a_terminal_unless_no_color(recorded: Path) -> None:
+    def run_on_pty(env: dict[str, str]) -> str:
+        main, child = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loopwatch", "report", str(recorded), "--width", "120"],
+            stdout=child, stderr=subprocess.DEVNULL, env={**os.environ, **env}, cwd=ROOT,
+        )  # fmt: skip
+        os.close(child)
+        chunks = []
+        while True:
+            try:
+                data = os.read(main, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(30)
+        os.close(main)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    assert "\x1b[" in run_on_pty({**env, "NO_COLOR": ""})
+    assert "\x1b[" not in run_on_pty({"NO_COLOR": "1"})
+
+
+def _demo_leftovers() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "loopwatch-demo-*")))
+
+
+def test_demo_end_to_end_on_the_embedded_database() -> None:
+    before = _demo_leftovers()
+    result = loopwatch("demo", "--width", "110", "--requests", "40", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "40 concurrent requests" in result.stdout
+    assert "█" in result.stdout
+    assert "░" in result.stdout
+    assert "SYNC" in result.stdout
+    assert "ASYNC" in result.stdout
+    assert _demo_leftovers() == before, "the demo removes its temporary files"
+    assert not _processes_using("loopwatch-demo-"), "the demo stops its database"
+
+
+def test_demo_cleans_up_on_ctrl_c() -> None:
+    before = _demo_leftovers()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loopwatch", "demo", "--requests", "100"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    me = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until the uvicorn child is up
+        if any("uvicorn" in _cmdline(c) for c in me.children(recursive=True)):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the demo server never started")
+    children = me.children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    assert "Traceback" not in err
+    _gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"left running: {[_cmdline(p) for p in alive]}"
+    assert _demo_leftovers() == before
+    # pgserver's postgres daemonizes (not a child): find it by its data directory.
+    assert not _processes_using("loopwatch-demo-")
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # exited (or a zombie) meanwhile
+        return ""
+
+
+def _processes_using(fragment: str) -> list[str]:
+    found = []
+    for p in psutil.process_iter():
+        cmdline = _cmdline(p)
+        if fragment in cmdline and "pytest" not in cmdline and p.status() != psutil.STATUS_ZOMBIE:
+            found.append(cmdline)
+    return found
+
+
+def test_demo_without_its_extra_says_how_to_install_it() -> None:
+    # uvicorn made unimportable, as on a machine without `loopwatch[demo]`.
+    code = (
+        "import sys; sys.modules['uvicorn'] = None; "
+        "from loopwatch.cli import main; sys.exit(main(['demo']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "pip install 'loopwatch[demo]'" in result.stderr
+    assert "uvicorn" in result.stderr
+    assert "Traceback" not in result.stderr
