@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._text import fmt_bytes
-from .summary import Summary, fmt_count, paint, wrap
+from ._text import fmt_bytes, fmt_count, paint, wrap
+from .summary import Summary
 
 X = "\u00d7"  # the multiplication sign
 

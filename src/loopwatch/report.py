@@ -15,10 +15,10 @@ from typing import Any
 from . import capacity as _capacity
 from . import summary as _summary
 from ._reading import MAX_ROUTES, Reading, read_files, read_records
-from ._text import clean
+from ._text import clean, fmt_count, fmt_time
 from .capacity import Capacity
 from .record import RequestRecord
-from .summary import Summary, fmt_count, fmt_time
+from .summary import Summary
 
 __all__ = [
     "Report",

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import heapq
-import re
-import textwrap
-import unicodedata
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from ._reading import Reading, RouteAcc
-from ._text import clean, fmt_bytes, fmt_ms
+from ._text import (
+    clean,
+    fit,
+    fmt_bytes,
+    fmt_count,
+    fmt_ms,
+    fmt_span,
+    fmt_time,
+    pad,
+    paint,
+    width_of,
+    wrap,
+)
 
 ROUTE_ROWS = 20
 
@@ -321,81 +329,3 @@ def render_routes(s: Summary, width: int, color: bool) -> str:
         text += "".join(f"{row[i]:>{widths[i]}}" for i in shown)
         lines.append(fit(text, width))
     return "\n".join(lines) + "\n"
-
-
-# --- layout, shared with capacity ---------------------------------------------------------
-
-
-def width_of(text: str) -> int:
-    """Terminal columns ``text`` takes: wide East Asian characters take two, marks none."""
-    if text.isascii():
-        return len(text)
-    return sum(_char_width(c) for c in text)
-
-
-def _char_width(c: str) -> int:
-    if unicodedata.combining(c):
-        return 0
-    return 2 if unicodedata.east_asian_width(c) in "WF" else 1
-
-
-def fit(text: str, width: int) -> str:
-    """``text`` cut to at most ``width`` columns, with an ellipsis where it was cut."""
-    if width_of(text) <= width:
-        return text
-    out, used = [], 0
-    for c in text:
-        w = _char_width(c)
-        if used + w > width - 1:
-            break
-        out.append(c)
-        used += w
-    return "".join(out) + "…" if width >= 1 else ""
-
-
-def pad(text: str, width: int) -> str:
-    return text + " " * max(0, width - width_of(text))
-
-
-def wrap(text: str, width: int, first: str, rest: str) -> list[str]:
-    """Prose wrapped at spaces to ``width`` columns, indented; words too long are cut."""
-    text = _UNIT.sub("\\1\0", text)  # keep "52 MB" on one line
-    lines = textwrap.wrap(
-        text, max(1, width), initial_indent=first, subsequent_indent=rest, break_on_hyphens=False
-    )
-    return [fit(line.replace("\0", " "), width) for line in lines]
-
-
-_UNIT = re.compile(r"(\d) (?=[kMG]?B\b)")
-
-
-def paint(text: str, sgr: str, color: bool) -> str:
-    """``text`` in an SGR colour or style (``"1"`` bold, ``"32"`` green) when ``color``."""
-    return f"\x1b[{sgr}m{text}\x1b[0m" if color and text else text
-
-
-def fmt_count(n: int, noun: str) -> str:
-    plural = noun + ("es" if noun.endswith("s") else "s")
-    return f"{n:,} {noun if n == 1 else plural}"
-
-
-def fmt_time(t: float, ms: bool = False) -> str:
-    """Unix seconds as a UTC date and time: 2026-11-24 20:41:03(.512)."""
-    try:
-        moment = datetime.fromtimestamp(t, timezone.utc)
-    except (OverflowError, ValueError, OSError):
-        return f"{t:.0f} (Unix s)"
-    text = moment.strftime("%Y-%m-%d %H:%M:%S")
-    return f"{text}.{moment.microsecond // 1000:03d}" if ms else text
-
-
-def fmt_span(seconds: float) -> str:
-    if seconds < 60:
-        return fmt_ms(seconds * 1000)
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {secs}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h {minutes}m"
-    return f"{hours // 24}d {hours % 24}h"
