@@ -29,31 +29,81 @@ else:
 _ALWAYS, _IF_SUSPENDED, _NEVER = 0, 1, 2
 
 
-async def _timed(awaitable: Awaitable[Any], pool: bool = False, count: int = _ALWAYS) -> Any:
+async def _timed(
+    awaitable: Awaitable[Any],
+    pool: bool = False,
+    count: int = _ALWAYS,
+    proxy: Any = None,
+    call: str = "",
+    args: tuple[Any, ...] = (),
+) -> Any:
     """Await ``awaitable`` and record on the current trace how long it was suspended.
 
     An await that never suspended (a cursor row already buffered, an idle pooled
-    connection) did not wait for the database, and records no interval.
+    connection) did not wait for the database, and records no interval. ``proxy``,
+    ``call`` and ``args`` describe the query for its span, when spans are on.
     """
     trace = current.get()
     if trace is None or not trace.open:
         return await awaitable
+    if trace.otel is not None:
+        return await _timed_with_spans(trace, awaitable, pool, count, proxy, call, args)
     step = trace.step_w0
     t0 = perf_counter_ns()
     try:
         return await awaitable
     finally:
-        if trace.open:
-            suspended = trace.step_w0 != step
-            if suspended:
-                trace.add(trace.pool if pool else trace.db, t0, perf_counter_ns())
-            if count == _ALWAYS or (count == _IF_SUSPENDED and suspended):
-                trace.queries += 1
+        _account(trace, step, t0, pool, count)
+
+
+def _account(trace: Any, step: int, t0: int, pool: bool, count: int) -> tuple[bool, int]:
+    """Record an awaited call that began at ``t0`` in step ``step``; returns whether it
+    was suspended, and when it ended."""
+    t1 = perf_counter_ns()
+    suspended = False
+    if trace.open:
+        suspended = trace.step_w0 != step
+        if suspended:
+            trace.add(trace.pool if pool else trace.db, t0, t1)
+        if count == _ALWAYS or (count == _IF_SUSPENDED and suspended):
+            trace.queries += 1
+    return suspended, t1
+
+
+async def _timed_with_spans(
+    trace: Any,
+    awaitable: Awaitable[Any],
+    pool: bool,
+    count: int,
+    proxy: Any,
+    call: str,
+    args: tuple[Any, ...],
+) -> Any:
+    spans = trace.otel
+    text, operation, connection = (
+        proxy._lw_describe(call, args) if proxy is not None else (None, None, None)
+    )
+    span = spans.query_start(text, operation, connection) if count == _ALWAYS else None
+    step = trace.step_w0
+    t0 = perf_counter_ns()
+    try:
+        result = await awaitable
+    except BaseException as exc:
+        _account(trace, step, t0, pool, count)
+        spans.query_end(span, exc)
+        raise
+    suspended, t1 = _account(trace, step, t0, pool, count)
+    spans.query_end(span, None)
+    if suspended and span is None and (pool or count == _IF_SUSPENDED):  # a wait, a batch
+        spans.waited("pool" if pool else "db", t0, t1, connection)
+    return result
 
 
 def _query(name: str) -> Callable[..., Awaitable[Any]]:
     async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return await _timed(getattr(self._lw_inner, name)(*args, **kwargs))
+        return await _timed(
+            getattr(self._lw_inner, name)(*args, **kwargs), proxy=self, call=name, args=args
+        )
 
     method.__name__ = method.__qualname__ = name
     return method
@@ -61,6 +111,10 @@ def _query(name: str) -> Callable[..., Awaitable[Any]]:
 
 class _Proxy:
     __slots__ = ()
+
+    def _lw_describe(self, call: str, args: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+        """(query text, operation name, connection) of a call, for its span."""
+        return (None, None, None)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(object.__getattribute__(self, "_lw_inner"), name)
@@ -90,22 +144,39 @@ class InstrumentedConnection(_Proxy, _ConnectionBase):
     copy_records_to_table = _query("copy_records_to_table")
 
     async def prepare(self, *args: Any, **kwargs: Any) -> InstrumentedStatement:
-        return InstrumentedStatement(await _timed(self._lw_inner.prepare(*args, **kwargs)))
+        inner = self._lw_inner
+        statement = await _timed(
+            inner.prepare(*args, **kwargs), proxy=self, call="prepare", args=args
+        )
+        return InstrumentedStatement(statement, inner)
 
     def cursor(self, *args: Any, **kwargs: Any) -> InstrumentedCursorFactory:
-        return InstrumentedCursorFactory(self._lw_inner.cursor(*args, **kwargs))
+        text = _text(args)
+        return InstrumentedCursorFactory(
+            self._lw_inner.cursor(*args, **kwargs), self._lw_inner, text
+        )
 
     def transaction(self, **kwargs: Any) -> InstrumentedTransaction:
-        return InstrumentedTransaction(self._lw_inner.transaction(**kwargs))
+        return InstrumentedTransaction(self._lw_inner.transaction(**kwargs), self._lw_inner)
+
+    def _lw_describe(self, call: str, args: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+        if call.startswith("copy_"):
+            return (_text(args) if call == "copy_from_query" else None, "COPY", self._lw_inner)
+        return (_text(args), None, self._lw_inner)
 
 
 class InstrumentedStatement(_Proxy):
     """A prepared statement whose executions are timed."""
 
-    __slots__ = ("_lw_inner",)
+    __slots__ = ("_lw_con", "_lw_inner")
 
-    def __init__(self, statement: Any) -> None:
+    def __init__(self, statement: Any, connection: Any = None) -> None:
         self._lw_inner = statement
+        self._lw_con = connection
+
+    def _lw_describe(self, call: str, args: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+        text = self._lw_inner.get_query()
+        return (text, "EXPLAIN" if call == "explain" else None, self._lw_con)
 
     fetch = _query("fetch")
     fetchval = _query("fetchval")
@@ -115,46 +186,55 @@ class InstrumentedStatement(_Proxy):
     explain = _query("explain")
 
     def cursor(self, *args: Any, **kwargs: Any) -> InstrumentedCursorFactory:
-        return InstrumentedCursorFactory(self._lw_inner.cursor(*args, **kwargs))
+        factory = self._lw_inner.cursor(*args, **kwargs)
+        return InstrumentedCursorFactory(factory, self._lw_con, self._lw_inner.get_query())
 
 
-class InstrumentedCursorFactory(_Proxy):
+class _CursorProxy(_Proxy):
+    """The cursor proxies: each knows its query and connection, for spans."""
+
+    __slots__ = ("_lw_con", "_lw_inner", "_lw_text")
+
+    def __init__(self, inner: Any, connection: Any = None, text: str | None = None) -> None:
+        self._lw_inner = inner
+        self._lw_con = connection
+        self._lw_text = text
+
+    def _lw_describe(self, call: str, args: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+        return (self._lw_text, None, self._lw_con)
+
+
+class InstrumentedCursorFactory(_CursorProxy):
     """``conn.cursor(...)``: iterate it (``async for``) or await it for a Cursor."""
 
-    __slots__ = ("_lw_inner",)
-
-    def __init__(self, factory: Any) -> None:
-        self._lw_inner = factory
+    __slots__ = ()
 
     def __aiter__(self) -> InstrumentedCursorIterator:
-        return InstrumentedCursorIterator(self._lw_inner.__aiter__())
+        return InstrumentedCursorIterator(self._lw_inner.__aiter__(), self._lw_con, self._lw_text)
 
     def __await__(self) -> Generator[Any, None, InstrumentedCursor]:
         return self._open().__await__()
 
     async def _open(self) -> InstrumentedCursor:
-        return InstrumentedCursor(await _timed(self._lw_inner))
+        cursor = await _timed(self._lw_inner, proxy=self, call="open")
+        return InstrumentedCursor(cursor, self._lw_con, self._lw_text)
 
 
-class InstrumentedCursorIterator(_Proxy):
-    __slots__ = ("_lw_inner",)
-
-    def __init__(self, iterator: Any) -> None:
-        self._lw_inner = iterator
+class InstrumentedCursorIterator(_CursorProxy):
+    __slots__ = ()
 
     def __aiter__(self) -> InstrumentedCursorIterator:
         return self
 
     async def __anext__(self) -> Any:
         # Rows come in batches: only the calls that went to the server count as queries.
-        return await _timed(self._lw_inner.__anext__(), count=_IF_SUSPENDED)
+        return await _timed(
+            self._lw_inner.__anext__(), count=_IF_SUSPENDED, proxy=self, call="fetch"
+        )
 
 
-class InstrumentedCursor(_Proxy):
-    __slots__ = ("_lw_inner",)
-
-    def __init__(self, cursor: Any) -> None:
-        self._lw_inner = cursor
+class InstrumentedCursor(_CursorProxy):
+    __slots__ = ()
 
     fetch = _query("fetch")
     fetchrow = _query("fetchrow")
@@ -164,20 +244,34 @@ class InstrumentedCursor(_Proxy):
 class InstrumentedTransaction(_Proxy):
     """``conn.transaction()``: BEGIN, COMMIT and ROLLBACK are timed as queries."""
 
-    __slots__ = ("_lw_inner",)
+    __slots__ = ("_lw_con", "_lw_inner")
 
-    def __init__(self, transaction: Any) -> None:
+    def __init__(self, transaction: Any, connection: Any = None) -> None:
         self._lw_inner = transaction
+        self._lw_con = connection
 
     start = _query("start")
     commit = _query("commit")
     rollback = _query("rollback")
 
     async def __aenter__(self) -> None:
-        await _timed(self._lw_inner.__aenter__())
+        await _timed(self._lw_inner.__aenter__(), proxy=self, call="start")
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await _timed(self._lw_inner.__aexit__(*exc_info))
+        call = "commit" if exc_info[0] is None else "rollback"
+        await _timed(self._lw_inner.__aexit__(*exc_info), proxy=self, call=call)
+
+    def _lw_describe(self, call: str, args: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+        operation = _TRANSACTION_OPERATIONS.get(call)
+        return (operation, operation, self._lw_con)
+
+
+_TRANSACTION_OPERATIONS = {"start": "BEGIN", "commit": "COMMIT", "rollback": "ROLLBACK"}
+
+
+def _text(args: tuple[Any, ...]) -> str | None:
+    """The query text of a call: its first argument, when that is a string."""
+    return args[0] if args and isinstance(args[0], str) else None
 
 
 class _Acquire:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii as _esc
 from time import perf_counter_ns, thread_time_ns
+from typing import Any
 
 from .record import RequestRecord
 
@@ -40,6 +41,7 @@ class Trace:
         "id_prefix",
         "method",
         "open",
+        "otel",
         "path",
         "pid",
         "pool",
@@ -71,6 +73,7 @@ class Trace:
         self.status: int | None = None
         # route, error, rss, id_prefix, seq, pid and end_ns are set when the request ends.
         self.open = True
+        self.otel: Any = None  # the request's OpenTelemetry spans, when they are on
         self.cpu_ns = 0
         # The step timers' one test: IDLE means no step is running and the trace is open.
         # Otherwise it is the thread CPU clock at the start of the running step (a second

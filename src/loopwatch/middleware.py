@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from time import perf_counter_ns
 from types import CoroutineType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _failures, _routes
 from ._process import state
@@ -17,6 +17,9 @@ from ._steps import StepTimer, TaskFactory, install_task_factory
 from ._trace import Trace, current
 from ._writer import writer_for
 from .record import RequestRecord
+
+if TYPE_CHECKING:
+    from .otel import Spans
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -37,6 +40,11 @@ class LoopWatch:
     ``./loopwatch.jsonl``; ``None`` turns file recording off). ``sinks`` are extra
     callables that receive each finished :class:`~loopwatch.record.RequestRecord` on the
     event loop's thread; they must be quick and must not block.
+
+    OpenTelemetry: with an SDK tracer provider configured (``tracer_provider``, default
+    the global one), each request gets a server span (or loopwatch's attributes on the
+    server span OpenTelemetry's ASGI middleware made) and each query a client span
+    (``query_spans=False`` keeps only the request's). ``spans=False`` turns it all off.
     """
 
     def __init__(
@@ -47,6 +55,9 @@ class LoopWatch:
         sinks: Iterable[RequestSink] = (),
         queue_size: int = 10_000,
         sample_interval: float = 0.5,
+        spans: bool = True,
+        query_spans: bool = True,
+        tracer_provider: Any = None,
     ) -> None:
         if file is _FROM_ENV:
             file = os.environ.get("LOOPWATCH_FILE") or _DEFAULT_FILE
@@ -62,6 +73,11 @@ class LoopWatch:
             writer = writer_for(os.fspath(file), queue_size)
             self._trace_sinks.append(writer.submit)
             state.add_sink(writer.submit)
+        self._spans: Spans | None = None
+        if spans:
+            from .otel import Spans
+
+            self._spans = Spans(app, tracer_provider, query_spans=query_spans)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,6 +103,12 @@ class LoopWatch:
             await self.app(scope, receive, send)
             return
 
+        if self._spans is not None:
+            try:
+                trace.otel = self._spans.begin(scope)
+            except Exception as exc:
+                _failures.failed("starting the request's span", exc)
+
         expect_trailers = False
 
         async def send_wrapper(message: Message) -> None:
@@ -102,8 +124,12 @@ class LoopWatch:
                 final = not message.get("more_trailers", False)
             elif kind == "http.response.pathsend":
                 final = True
+            if final and trace.otel is not None and trace.otel.span is None:
+                # Another middleware's server span (OpenTelemetry's ASGI one) ends with
+                # this message: put our figures on it while it is still open.
+                self._end(trace, scope, root_path, None)
             await send(message)
-            if final:
+            if final and trace.open:
                 self._end(trace, scope, root_path, None)
 
         root_path = scope.get("root_path", "")
@@ -120,6 +146,8 @@ class LoopWatch:
                 self._end(trace, scope, root_path, type(exc).__name__)
             raise
         finally:
+            if trace.otel is not None:
+                trace.otel.detach()
             try:  # noqa: SIM105 (contextlib.suppress costs an object per request)
                 current.reset(token)
             except ValueError:
@@ -143,12 +171,17 @@ class LoopWatch:
             trace.route = _routes.route_template(scope, root_path)
             for trace_sink in self._trace_sinks:
                 trace_sink(trace)
-            if not self._sinks:
+            if not self._sinks and trace.otel is None:
                 return
             record = trace.to_record()
         except Exception as exc:
             _failures.failed("recording a request", exc)
             return
+        if trace.otel is not None:
+            try:
+                trace.otel.end(record, scope)
+            except Exception as exc:
+                _failures.failed("ending the request's span", exc)
         for sink in self._sinks:
             try:
                 sink(record)

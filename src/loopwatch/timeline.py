@@ -100,6 +100,15 @@ def render_timeline(
     return "\n".join(lines)
 
 
+def render_bar(rec: RequestRecord, columns: int = 40, *, ascii: bool = False) -> str:
+    """One request's row alone, its whole wall time over ``columns`` columns, no colour
+    (what a trace viewer shows as the ``loopwatch.timeline`` span attribute)."""
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, not {columns}.")
+    states = _row_states(rec, 0.0, max(rec.wall_ms, 1e-3), columns)
+    return _paint(states, _ASCII_GLYPHS if ascii else _GLYPHS, False)
+
+
 def _row_states(rec: RequestRecord, offset: float, span: float, n: int) -> list[int]:
     """The state of each of ``n`` columns for one request starting ``offset`` ms into the window."""
     col = span / n

@@ -1,0 +1,234 @@
+"""OpenTelemetry spans: a server span per request, a client span per query.
+
+The capture code knows nothing of OpenTelemetry: the middleware asks :class:`Spans` for
+an opaque per-request :class:`RequestSpans` handle, keeps it on the trace, and the asyncpg
+proxies call its ``query_*`` hooks. Spans are live (the request span is the current span
+while the app runs, so the app's own spans and outgoing calls nest under it) and follow
+the stable HTTP and database semantic conventions; loopwatch's own figures go on the
+server span under the ``loopwatch.`` prefix.
+
+When OpenTelemetry's ASGI instrumentation already makes the server span (its middleware
+outside or inside LoopWatch), loopwatch adds its attributes to that span instead. With no
+SDK tracer provider configured, nothing is done per request beyond one type check.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter_ns, time_ns
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCode
+
+from ._version import __version__
+from .record import RequestRecord
+from .timeline import render_bar
+
+_KNOWN_METHODS = frozenset(
+    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+)
+_PROPAGATED = frozenset((b"traceparent", b"tracestate", b"baggage"))
+TIMELINE_COLUMNS = 40
+
+
+class Spans:
+    """Span export for one middleware: the tracer provider (default: the global one)."""
+
+    def __init__(self, app: Any, tracer_provider: Any = None, *, query_spans: bool = True):
+        self._provider = tracer_provider
+        self.query_spans = query_spans
+        self._tracer: Any = None
+        # OpenTelemetry's own ASGI middleware inside LoopWatch makes the server span.
+        self._asgi_inside = _has_otel_asgi(app)
+
+    def tracer(self) -> Any:
+        """The tracer, or None while no SDK tracer provider is configured."""
+        if self._tracer is not None:
+            return self._tracer
+        provider = self._provider or trace_api.get_tracer_provider()
+        if isinstance(provider, (ProxyTracerProvider, trace_api.NoOpTracerProvider)):
+            return None  # no SDK: cost nothing (checked again on the next request)
+        self._tracer = provider.get_tracer("loopwatch", __version__)
+        return self._tracer
+
+    def begin(self, scope: dict[str, Any]) -> RequestSpans | None:
+        tracer = self.tracer()
+        if tracer is None:
+            return None
+        if self._asgi_inside or trace_api.get_current_span().get_span_context().is_valid:
+            return RequestSpans(self, tracer, None, None)  # enrich the existing server span
+        parent = _extract(scope)
+        span = tracer.start_span(
+            scope.get("method", "HTTP"),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=_request_attributes(scope),
+        )
+        token = otel_context.attach(trace_api.set_span_in_context(span, parent))
+        return RequestSpans(self, tracer, span, token)
+
+
+class RequestSpans:
+    """One request's spans; the trace holds it, the middleware and proxies call it."""
+
+    __slots__ = ("_token", "owner", "span", "tracer")
+
+    def __init__(self, owner: Spans, tracer: Any, span: Any, token: Any) -> None:
+        self.owner = owner
+        self.tracer = tracer
+        self.span = span  # ours, or None when another middleware made the server span
+        self._token = token
+
+    def detach(self) -> None:
+        """Stop being the current span (the middleware calls this as the app returns)."""
+        if self._token is not None:
+            token, self._token = self._token, None
+            otel_context.detach(token)  # logs, never raises, when closed from elsewhere
+
+    def end(self, record: RequestRecord, scope: dict[str, Any]) -> None:
+        """Put the request's figures on the server span; end it if it is ours."""
+        span = self.span if self.span is not None else trace_api.get_current_span()
+        if not span.is_recording():
+            return
+        method = _method(record.method)
+        if self.span is not None:
+            span.update_name(f"{method} {record.route}" if record.route else method)
+            if record.route:
+                span.set_attribute("http.route", record.route)
+            if record.status is not None:
+                span.set_attribute("http.response.status_code", record.status)
+            error = record.error or (
+                str(record.status) if record.status is not None and record.status >= 500 else None
+            )
+            if error is not None:
+                span.set_attribute("error.type", error)
+                span.set_status(Status(StatusCode.ERROR))
+        span.set_attributes(_loopwatch_attributes(record))
+        if self.span is not None:
+            span.end()
+
+    # --- queries -----------------------------------------------------------------------
+
+    def query_start(self, text: str | None, operation: str | None, connection: Any) -> Any:
+        if not self.owner.query_spans:
+            return None
+        operation = operation or _operation(text)
+        attributes = {"db.system.name": "postgresql", **_target(connection)}
+        if text is not None:
+            attributes["db.query.text"] = text  # the parameterized text: never the values
+        if operation:
+            attributes["db.operation.name"] = operation
+        namespace = attributes.get("db.namespace")
+        name = f"{operation} {namespace}" if operation and namespace else operation or "postgresql"
+        return self.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+
+    def query_end(self, span: Any, exc: BaseException | None) -> None:
+        if span is None:
+            return
+        if exc is not None:
+            kind = type(exc)
+            span.set_attribute("error.type", f"{kind.__module__}.{kind.__qualname__}")
+            sqlstate = getattr(exc, "sqlstate", None)
+            if isinstance(sqlstate, str):
+                span.set_attribute("db.response.status_code", sqlstate)
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    def waited(self, kind: str, start_ns: int, end_ns: int, connection: Any = None) -> None:
+        """A span for a wait known only once it is over (pool acquire, cursor batch)."""
+        if kind == "db" and not self.owner.query_spans:
+            return
+        now_unix, now_perf = time_ns(), perf_counter_ns()
+        attributes: dict[str, Any] = {"db.system.name": "postgresql", **_target(connection)}
+        name = "pool acquire" if kind == "pool" else "FETCH"
+        if kind == "db":
+            attributes["db.operation.name"] = "FETCH"
+        span = self.tracer.start_span(
+            name,
+            kind=SpanKind.INTERNAL if kind == "pool" else SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=now_unix - (now_perf - start_ns),
+        )
+        span.end(end_time=now_unix - (now_perf - end_ns))
+
+
+def _loopwatch_attributes(record: RequestRecord) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "loopwatch.cpu_ms": record.cpu_ms,
+        "loopwatch.db_ms": record.db_ms,
+        "loopwatch.pool_wait_ms": record.pool_wait_ms,
+        "loopwatch.db_queries": record.db_queries,
+        "loopwatch.timeline": render_bar(record, TIMELINE_COLUMNS),
+    }
+    if record.rss_bytes is not None:
+        attributes["loopwatch.rss_bytes"] = record.rss_bytes
+    return attributes
+
+
+def _request_attributes(scope: dict[str, Any]) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "http.request.method": _method(scope.get("method", "")),
+        "url.path": scope.get("path", ""),
+        "url.scheme": scope.get("scheme", "http"),
+    }
+    if scope.get("http_version"):
+        attributes["network.protocol.version"] = scope["http_version"]
+    server = scope.get("server")
+    if server and server[0]:
+        attributes["server.address"] = server[0]
+        if server[1] is not None:
+            attributes["server.port"] = server[1]
+    client = scope.get("client")
+    if client and client[0]:
+        attributes["client.address"] = client[0]
+    return attributes
+
+
+def _method(method: str) -> str:
+    return method if method in _KNOWN_METHODS else "_OTHER"
+
+
+def _extract(scope: dict[str, Any]) -> Any:
+    carrier = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in scope.get("headers", ())
+        if k in _PROPAGATED
+    }
+    return propagate.extract(carrier) if carrier else None
+
+
+def _operation(text: str | None) -> str | None:
+    if not text:
+        return None
+    word = text.lstrip(" \t\r\n(").split(None, 1)
+    return word[0].upper() if word and word[0].isalpha() else None
+
+
+def _target(connection: Any) -> dict[str, Any]:
+    """db.namespace, server.address and server.port of an asyncpg connection (or proxy)."""
+    con = getattr(connection, "_con", connection)  # asyncpg's pool proxy holds the connection
+    out: dict[str, Any] = {}
+    database = getattr(getattr(con, "_params", None), "database", None)
+    if isinstance(database, str):
+        out["db.namespace"] = database
+    addr = getattr(con, "_addr", None)
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        out["server.address"], out["server.port"] = str(addr[0]), addr[1]
+    elif isinstance(addr, str):  # a unix socket
+        out["server.address"] = addr
+    return out
+
+
+def _has_otel_asgi(app: Any) -> bool:
+    for _ in range(32):
+        if app is None:
+            return False
+        if type(app).__module__.startswith("opentelemetry.instrumentation.asgi"):
+            return True
+        app = getattr(app, "app", None)
+    return False
+
+
+__all__ = ["RequestSpans", "Spans"]

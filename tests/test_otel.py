@@ -1,0 +1,226 @@
+"""OpenTelemetry spans through the real SDK (in-memory exporter) and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from loopwatch import InstrumentedPool, LoopWatch, create_pool
+from loopwatch.otel import Spans
+
+SECRET_PARAM = "hunter2-param"
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    p = TracerProvider()
+    p.add_span_processor(SimpleSpanProcessor(exporter))
+    yield p
+    p.shutdown()
+
+
+@pytest.fixture
+async def pool(pg_dsn: str) -> AsyncIterator[InstrumentedPool]:
+    p = await create_pool(pg_dsn, min_size=1, max_size=1)
+    yield p
+    await asyncio.wait_for(p.close(), 10)
+
+
+def make_app(pool: InstrumentedPool) -> Starlette:
+    async def item(request: Request) -> Response:
+        value = await pool.fetchval("SELECT $1::text", SECRET_PARAM)
+        return JSONResponse({"id": request.path_params["item_id"], "v": value})
+
+    async def slow(request: Request) -> Response:
+        await pool.execute("SELECT pg_sleep(0.1)")
+        return PlainTextResponse("ok")
+
+    async def broken(request: Request) -> Response:
+        await pool.fetch("SELEC nonsense")
+        return PlainTextResponse("unreachable")
+
+    return Starlette(
+        routes=[
+            Route("/items/{item_id:int}", item),
+            Route("/slow", slow),
+            Route("/broken", broken),
+        ]
+    )
+
+
+async def get(app: Any, *paths: str, headers: dict[str, str] | None = None) -> list[int]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        responses = await asyncio.gather(*(client.get(p, headers=headers) for p in paths))
+    return [r.status_code for r in responses]
+
+
+def by_kind(spans: tuple[ReadableSpan, ...], kind: SpanKind) -> list[ReadableSpan]:
+    return [s for s in spans if s.kind == kind]
+
+
+async def test_server_span_follows_http_conventions_and_carries_loopwatch_figures(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(make_app(pool), file=None, tracer_provider=provider)
+    assert await get(app, "/items/7") == [200]
+    (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    attrs = dict(server.attributes or {})
+    assert server.name == "GET /items/{item_id}"
+    assert attrs["http.request.method"] == "GET"
+    assert attrs["url.path"] == "/items/7"
+    assert attrs["http.route"] == "/items/{item_id}"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["loopwatch.db_queries"] == 1
+    assert attrs["loopwatch.cpu_ms"] > 0
+    assert attrs["loopwatch.db_ms"] > 0
+    assert "█" in str(attrs["loopwatch.timeline"])
+    assert len(str(attrs["loopwatch.timeline"])) == 40
+    assert server.status.status_code != StatusCode.ERROR
+
+
+async def test_query_spans_are_children_with_database_conventions(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(make_app(pool), file=None, tracer_provider=provider)
+    await get(app, "/items/7")
+    spans = exporter.get_finished_spans()
+    (server,) = by_kind(spans, SpanKind.SERVER)
+    (query,) = by_kind(spans, SpanKind.CLIENT)
+    attrs = dict(query.attributes or {})
+    assert query.parent is not None
+    assert query.parent.span_id == server.context.span_id
+    assert query.context.trace_id == server.context.trace_id
+    assert attrs["db.system.name"] == "postgresql"
+    assert attrs["db.query.text"] == "SELECT $1::text"
+    assert attrs["db.operation.name"] == "SELECT"
+    assert attrs["db.namespace"] == "postgres"
+    assert "server.address" in attrs
+    assert query.name == "SELECT postgres"
+
+
+async def test_parameters_and_passwords_never_reach_a_span(
+    pg_dsn: str, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    dsn = pg_dsn.replace("postgres:@", "postgres:s3cretpw@")
+    async with create_pool(dsn, min_size=1, max_size=1) as p:
+        await get(LoopWatch(make_app(p), file=None, tracer_provider=provider), "/items/1")
+    text = repr([(s.name, dict(s.attributes or {})) for s in exporter.get_finished_spans()])
+    assert SECRET_PARAM not in text
+    assert "s3cretpw" not in text
+
+
+async def test_failed_query_span_has_error_type(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(make_app(pool), file=None, tracer_provider=provider)
+    assert await get(app, "/broken") == [500]
+    spans = exporter.get_finished_spans()
+    (query,) = by_kind(spans, SpanKind.CLIENT)
+    attrs = dict(query.attributes or {})
+    assert attrs["error.type"] == "asyncpg.exceptions.PostgresSyntaxError"
+    assert attrs["db.response.status_code"] == "42601"
+    assert query.status.status_code == StatusCode.ERROR
+    (server,) = by_kind(spans, SpanKind.SERVER)
+    assert server.status.status_code == StatusCode.ERROR
+    # Starlette's ServerErrorMiddleware sends the 500 before the exception reaches
+    # LoopWatch, so the request ends on that status: error.type is the status code.
+    assert dict(server.attributes or {})["error.type"] == "500"
+
+
+async def test_a_pool_wait_gets_a_span(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(make_app(pool), file=None, tracer_provider=provider)
+    await get(app, "/slow", "/slow")  # a pool of one: the second request waits
+    waits = [s for s in exporter.get_finished_spans() if s.name == "pool acquire"]
+    assert len(waits) == 1
+    (wait,) = waits
+    assert wait.end_time is not None
+    assert wait.start_time is not None
+    assert (wait.end_time - wait.start_time) / 1e6 >= 80
+    servers = {s.context.span_id for s in by_kind(exporter.get_finished_spans(), SpanKind.SERVER)}
+    assert wait.parent is not None
+    assert wait.parent.span_id in servers
+
+
+async def test_query_spans_can_be_turned_off(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(make_app(pool), file=None, tracer_provider=provider, query_spans=False)
+    await get(app, "/items/3")
+    spans = exporter.get_finished_spans()
+    assert [s.kind for s in spans] == [SpanKind.SERVER]
+    assert dict(spans[0].attributes or {})["loopwatch.db_queries"] == 1
+
+
+async def test_incoming_trace_context_is_the_parent(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    header = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+    app = LoopWatch(make_app(pool), file=None, tracer_provider=provider)
+    await get(app, "/items/1", headers=header)
+    (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    assert f"{server.context.trace_id:032x}" == trace_id
+    assert server.parent is not None
+    assert f"{server.parent.span_id:016x}" == "b7ad6b7169203331"
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+async def test_with_opentelemetry_asgi_there_is_one_enriched_server_span(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter, where: str
+) -> None:
+    inner = make_app(pool)
+    if where == "outside":
+        app: Any = OpenTelemetryMiddleware(
+            LoopWatch(inner, file=None, tracer_provider=provider), tracer_provider=provider
+        )
+    else:
+        app = LoopWatch(
+            OpenTelemetryMiddleware(inner, tracer_provider=provider),
+            file=None,
+            tracer_provider=provider,
+        )
+    assert await get(app, "/items/5") == [200]
+    spans = exporter.get_finished_spans()
+    servers = by_kind(spans, SpanKind.SERVER)
+    assert len(servers) == 1, [s.name for s in spans]
+    attrs = dict(servers[0].attributes or {})
+    assert attrs["loopwatch.db_queries"] == 1
+    assert "loopwatch.timeline" in attrs
+    (query,) = by_kind(spans, SpanKind.CLIENT)
+    assert query.context.trace_id == servers[0].context.trace_id
+
+
+def test_without_an_sdk_provider_spans_cost_nothing() -> None:
+    # The global provider is OpenTelemetry's default proxy until an SDK one is set.
+    spans = Spans(None)
+    assert spans.tracer() is None
+    assert spans.begin({"type": "http", "method": "GET", "path": "/"}) is None
+
+
+async def test_spans_off_entirely(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(make_app(pool), file=None, tracer_provider=provider, spans=False)
+    assert await get(app, "/items/2") == [200]
+    assert exporter.get_finished_spans() == ()
