@@ -9,9 +9,12 @@ request has ended, a proxy only forwards.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import asyncpg.connection
@@ -274,26 +277,41 @@ def _text(args: tuple[Any, ...]) -> str | None:
     return args[0] if args and isinstance(args[0], str) else None
 
 
+# Called with (pool, seconds) after every acquire, for the wait-time metric; empty unless
+# OpenTelemetry metrics are on.
+acquire_listeners: list[Callable[[InstrumentedPool, float], None]] = []
+
+
 class _Acquire:
     """``pool.acquire()``: used with ``async with`` or awaited, like asyncpg's."""
 
-    __slots__ = ("_ctx",)
+    __slots__ = ("_ctx", "_pool")
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, pool: InstrumentedPool, ctx: Any) -> None:
+        self._pool = pool
         self._ctx = ctx
 
     async def __aenter__(self) -> InstrumentedConnection:
-        return InstrumentedConnection(await _timed(self._ctx.__aenter__(), pool=True, count=_NEVER))
+        return await self._wait(self._ctx.__aenter__())
 
     async def __aexit__(self, *exc_info: Any) -> None:
         # Release awaits asyncpg's connection reset: database time, not a query.
         await _timed(self._ctx.__aexit__(*exc_info), count=_NEVER)
 
     def __await__(self) -> Generator[Any, None, InstrumentedConnection]:
-        return self._acquire().__await__()
+        return self._wait(self._ctx).__await__()
 
-    async def _acquire(self) -> InstrumentedConnection:
-        return InstrumentedConnection(await _timed(self._ctx, pool=True, count=_NEVER))
+    async def _wait(self, acquiring: Awaitable[Any]) -> InstrumentedConnection:
+        pool = self._pool
+        pool._lw_pending += 1
+        t0 = perf_counter_ns()
+        try:
+            connection = await _timed(acquiring, pool=True, count=_NEVER)
+        finally:
+            pool._lw_pending -= 1
+        for listener in acquire_listeners:
+            listener(pool, (perf_counter_ns() - t0) / 1e9)
+        return InstrumentedConnection(connection)
 
 
 def _via_pool(name: str) -> Callable[..., Awaitable[Any]]:
@@ -309,13 +327,21 @@ class InstrumentedPool(_Proxy):
     """An asyncpg pool whose acquires and queries are timed. Await it (or ``async with``
     it) to initialise it, as with ``asyncpg.create_pool``."""
 
-    __slots__ = ("_lw_inner",)
+    __slots__ = ("__weakref__", "_lw_inner", "_lw_name", "_lw_pending")
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, name: str | None = None) -> None:
         self._lw_inner = pool
+        self._lw_name = name or f"asyncpg-{next(_pool_numbers)}"
+        self._lw_pending = 0  # acquires waiting now
+        pools.add(self)
+
+    @property
+    def loopwatch_name(self) -> str:
+        """The pool's name in metrics (``db.client.connection.pool.name``)."""
+        return self._lw_name
 
     def acquire(self, *, timeout: float | None = None) -> _Acquire:
-        return _Acquire(self._lw_inner.acquire(timeout=timeout))
+        return _Acquire(self, self._lw_inner.acquire(timeout=timeout))
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
         if isinstance(connection, InstrumentedConnection):
@@ -349,7 +375,28 @@ class InstrumentedPool(_Proxy):
 
 def create_pool(*args: Any, **kwargs: Any) -> InstrumentedPool:
     """Drop-in for ``asyncpg.create_pool``: same arguments, a pool that behaves the same."""
-    return InstrumentedPool(asyncpg.create_pool(*args, **kwargs))
+    dsn = args[0] if args and isinstance(args[0], str) else kwargs.get("dsn")
+    return InstrumentedPool(asyncpg.create_pool(*args, **kwargs), _pool_name(dsn))
+
+
+def _pool_name(dsn: Any) -> str | None:
+    """``host:port/database`` from a DSN, never its user or password."""
+    if not isinstance(dsn, str):
+        return None
+    try:
+        url = urlsplit(dsn)
+        host = url.hostname or parse_qs(url.query).get("host", [""])[0]
+        port = url.port
+    except ValueError:
+        return None
+    database = url.path.lstrip("/")
+    if not (host or database):
+        return None
+    return f"{host}{f':{port}' if port else ''}/{database}"
+
+
+pools: weakref.WeakSet[InstrumentedPool] = weakref.WeakSet()
+_pool_numbers = itertools.count(1)
 
 
 async def connect(*args: Any, **kwargs: Any) -> InstrumentedConnection:

@@ -8,6 +8,7 @@ a :class:`~loopwatch.record.ProcessSample`.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import secrets
@@ -36,6 +37,9 @@ class ProcessState:
         self.requests = 0
         self.rss: int | None = None
         self.loop_thread: int | None = None
+        self.loop_busy: float | None = None  # the latest sample's busy share
+        self.loop_lag: float | None = None  # the latest sample's worst lag (s)
+        self._lag_max = 0.0  # worst lag since the last sample (s), kept by the probe
         self.sinks: list[ProcessSink] = []
         self.interval = 0.5
         self._thread: threading.Thread | None = None
@@ -55,6 +59,19 @@ class ProcessState:
             self.interval = interval
             self._thread = threading.Thread(target=self._run, name="loopwatch-sampler", daemon=True)
             self._thread.start()
+
+    def start_lag_probe(self, loop: asyncio.AbstractEventLoop, interval: float = 0.1) -> None:
+        """Measure how late the loop runs a callback scheduled ``interval`` ahead: the
+        scheduling lag every request on it suffers (any loop: no private hook)."""
+
+        def probe(expected: float) -> None:
+            now = loop.time()
+            lag = max(0.0, now - expected)
+            if lag > self._lag_max:
+                self._lag_max = lag
+            loop.call_at(now + interval, probe, now + interval)
+
+        loop.call_soon(probe, loop.time())
 
     def _run(self) -> None:
         proc = psutil.Process(self.pid)
@@ -81,6 +98,9 @@ class ProcessState:
                         busy = min(1.0, max(0.0, (cpu - last_cpu) / ((now - last_wall) * 1e9)))
                     last_cpu = cpu
                 last_wall = now
+                self.loop_busy = busy
+                if self.loop_thread is not None:
+                    self.loop_lag, self._lag_max = self._lag_max, 0.0
                 active = self.requests != last_requests or self.in_flight > 0
                 if not active and now - last_emit < _IDLE_EVERY_S:
                     continue
@@ -92,6 +112,7 @@ class ProcessState:
                     uss_bytes=uss,
                     in_flight=self.in_flight,
                     loop_busy=None if busy is None else round(busy, 4),
+                    loop_lag_ms=None if self.loop_lag is None else round(self.loop_lag * 1000, 3),
                     requests=self.requests,
                     dropped=_dropped(),
                     errors=_failures.total(),

@@ -20,6 +20,7 @@ from .record import RequestRecord
 
 if TYPE_CHECKING:
     from .otel import Spans
+    from .otel_metrics import Metrics
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -44,7 +45,9 @@ class LoopWatch:
     OpenTelemetry: with an SDK tracer provider configured (``tracer_provider``, default
     the global one), each request gets a server span (or loopwatch's attributes on the
     server span OpenTelemetry's ASGI middleware made) and each query a client span
-    (``query_spans=False`` keeps only the request's). ``spans=False`` turns it all off.
+    (``query_spans=False`` keeps only the request's). ``spans=False`` turns spans off.
+    With an SDK meter provider (``meter_provider``, default the global one) it records
+    request, pool, memory and event-loop metrics; ``metrics=False`` turns them off.
     """
 
     def __init__(
@@ -58,6 +61,8 @@ class LoopWatch:
         spans: bool = True,
         query_spans: bool = True,
         tracer_provider: Any = None,
+        metrics: bool = True,
+        meter_provider: Any = None,
     ) -> None:
         if file is _FROM_ENV:
             file = os.environ.get("LOOPWATCH_FILE") or _DEFAULT_FILE
@@ -78,6 +83,11 @@ class LoopWatch:
             from .otel import Spans
 
             self._spans = Spans(app, tracer_provider, query_spans=query_spans)
+        self._metrics: Metrics | None = None
+        if metrics:
+            from .otel_metrics import Metrics
+
+            self._metrics = Metrics(meter_provider)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,6 +106,7 @@ class LoopWatch:
             if st.loop_thread is None:
                 st.loop_thread = threading.get_ident()
                 st.ensure_sampler(self.sample_interval)
+                st.start_lag_probe(loop)
             st.in_flight += 1
             trace = Trace(time.time(), perf_counter_ns(), scope["method"], scope["path"])
         except Exception as exc:
@@ -108,6 +119,11 @@ class LoopWatch:
                 trace.otel = self._spans.begin(scope)
             except Exception as exc:
                 _failures.failed("starting the request's span", exc)
+        if self._metrics is not None:
+            try:
+                self._metrics.active()  # instruments before the request's first acquire
+            except Exception as exc:
+                _failures.failed("making the metric instruments", exc)
 
         expect_trailers = False
 
@@ -171,7 +187,10 @@ class LoopWatch:
             trace.route = _routes.route_template(scope, root_path)
             for trace_sink in self._trace_sinks:
                 trace_sink(trace)
-            if not self._sinks and trace.otel is None:
+            metrics = self._metrics
+            if metrics is not None and not metrics.active():
+                metrics = None
+            if not self._sinks and trace.otel is None and metrics is None:
                 return
             record = trace.to_record()
         except Exception as exc:
@@ -182,6 +201,11 @@ class LoopWatch:
                 trace.otel.end(record, scope)
             except Exception as exc:
                 _failures.failed("ending the request's span", exc)
+        if metrics is not None:
+            try:
+                metrics.record(record)
+            except Exception as exc:
+                _failures.failed("recording request metrics", exc)
         for sink in self._sinks:
             try:
                 sink(record)

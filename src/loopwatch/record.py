@@ -166,6 +166,7 @@ class ProcessSample:
     requests: int = 0
     dropped: int = 0
     errors: int = 0
+    loop_lag_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +181,7 @@ class ProcessSample:
             "requests": self.requests,
             "dropped": self.dropped,
             "errors": self.errors,
+            "loop_lag_ms": self.loop_lag_ms,
             **self.extra,
         }
 
@@ -203,6 +205,7 @@ class ProcessSample:
             requests=_count(d, "requests", 0),
             dropped=_count(d, "dropped", 0),
             errors=_count(d, "errors", 0),
+            loop_lag_ms=None if d.get("loop_lag_ms") is None else _ms(d, "loop_lag_ms"),
         )
 
 
