@@ -2,6 +2,14 @@
 
 BENCH_MODE=bare       Starlette + asyncpg, nothing else
 BENCH_MODE=loopwatch  the same with LoopWatch (record file written) and loopwatch.create_pool
+BENCH_MODE=otel-contrib  OpenTelemetry's own instrumentation: the ASGI OpenTelemetryMiddleware
+                      around the app and AsyncPGInstrumentor, over a plain asyncpg pool
+                      (needs `pip install opentelemetry-instrumentation-asyncpg`, of the
+                      version matching the installed OpenTelemetry; not in any extra,
+                      as its releases lag the SDK's)
+BENCH_MODE=loopwatch-spans  loopwatch as in BENCH_MODE=loopwatch, exporting its spans
+                      (both span modes: a global SDK TracerProvider, a BatchSpanProcessor
+                      and an exporter that does nothing; see otel_setup.py)
 BENCH_MODE=lw-nofile  diagnostic: LoopWatch(file=None) and loopwatch.create_pool
 BENCH_MODE=lw-mw      diagnostic: LoopWatch (record file written) over a plain asyncpg pool
 BENCH_MODE=lw-nofile-nocpu  diagnostic: lw-nofile with the wall clock standing in for the
@@ -28,9 +36,18 @@ import loopwatch
 MODE = os.environ.get("BENCH_MODE", "bare")
 DSN = os.environ["BENCH_DSN"]
 
+if MODE in ("otel-contrib", "loopwatch-spans"):
+    import otel_setup
+
+    otel_setup.install()
+if MODE == "otel-contrib":
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+    AsyncPGInstrumentor().instrument()
+
 
 def make_pool() -> Any:
-    if MODE in ("bare", "lw-mw"):
+    if MODE in ("bare", "lw-mw", "otel-contrib"):
         return asyncpg.create_pool(DSN, min_size=4, max_size=4)
     return loopwatch.create_pool(DSN, min_size=4, max_size=4)
 
@@ -53,7 +70,7 @@ async def query(request: Request) -> Response:
 
 
 middleware = []
-if MODE in ("loopwatch", "lw-mw"):
+if MODE in ("loopwatch", "loopwatch-spans", "lw-mw"):
     middleware = [Middleware(loopwatch.LoopWatch)]
 elif MODE in ("lw-nofile", "lw-nofile-nocpu"):
     middleware = [Middleware(loopwatch.LoopWatch, file=None)]
@@ -62,6 +79,10 @@ app = Starlette(
     middleware=middleware,
     lifespan=lifespan,
 )
+if MODE == "otel-contrib":
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    app = OpenTelemetryMiddleware(app)  # type: ignore[assignment]
 
 if MODE == "lw-nofile-nocpu":  # diagnostic: what the thread CPU clock costs
     import time

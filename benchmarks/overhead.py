@@ -7,9 +7,19 @@ uvicorn picks it) in each configuration, all servers running at once, and drives
 with a keep-alive load generator in another process for a fixed number of requests per
 run. Runs are interleaved (bare, loopwatch, bare, loopwatch, ...). The server's CPU time
 comes from the kernel's accounting of the server process (user + system, all threads,
-the record writer included), not from the load generator. Reports medians and the
-loopwatch/bare ratio. Server and load generator are pinned to different cores when the
-machine has two or more.
+the record writer and the span batch processor included), not from the load generator.
+Reports medians and the ratio to the first configuration (bare). Server and load
+generator are pinned to different cores when the machine has two or more.
+
+--modes picks the configurations (BENCH_MODE in bench_app.py), default bare,loopwatch.
+The span comparison:
+
+    python benchmarks/overhead.py --modes bare,loopwatch,otel-contrib,loopwatch-spans
+
+otel-contrib is OpenTelemetry's ASGI + asyncpg instrumentation, loopwatch-spans is
+loopwatch exporting its spans; both through the same SDK set-up and an exporter that
+does nothing (benchmarks/otel_setup.py), and the added CPU of the one is reported as a
+fraction of the other's.
 """
 
 from __future__ import annotations
@@ -152,7 +162,7 @@ def main() -> None:
                         us = (server_cpu_s(proc) - c0) / args.requests * 1e6
                         raw[m][e].append((us, rps))
                         print(
-                            f"round {r + 1} {e:9} {m:10} {us:7.1f} us/req  {rps:8.0f} req/s",
+                            f"round {r + 1} {e:9} {m:15} {us:7.1f} us/req  {rps:8.0f} req/s",
                             file=sys.stderr,
                         )
         finally:
@@ -165,7 +175,7 @@ def main() -> None:
         f"{args.connections} connections; medians (min-max)\n"
     )
     print(
-        f"{'endpoint':10} {'config':10} {'server CPU/req':>22} {'req/s':>20} "
+        f"{'endpoint':10} {'config':15} {'server CPU/req':>22} {'req/s':>20} "
         f"{'added CPU':>10} {'CPU ratio':>10}"
     )
     for e in endpoints:
@@ -175,10 +185,20 @@ def main() -> None:
             rps = [x for _, x in raw[m][e]]
             med = statistics.median(us)
             print(
-                f"{e:10} {m:10} {med:8.1f} us ({min(us):5.1f}-{max(us):5.1f}) "
+                f"{e:10} {m:15} {med:8.1f} us ({min(us):5.1f}-{max(us):5.1f}) "
                 f"{statistics.median(rps):8.0f} ({min(rps):4.0f}-{max(rps):4.0f}) "
                 f"{med - base:+8.1f} us {med / base:9.3f}"
             )
+    if "otel-contrib" in modes and "loopwatch-spans" in modes:
+        print(f"\nadded CPU, loopwatch-spans / otel-contrib (over {modes[0]}):")
+        for e in endpoints:
+            base = statistics.median(us for us, _ in raw[modes[0]][e])
+            lw, otel = (
+                statistics.median(us for us, _ in raw[m][e]) - base
+                for m in ("loopwatch-spans", "otel-contrib")
+            )
+            share = f"{lw / otel:.2f}" if otel > 0 else "n/a"
+            print(f"{e:10} {lw:+.1f} us / {otel:+.1f} us = {share}")
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
 

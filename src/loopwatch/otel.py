@@ -14,7 +14,7 @@ SDK tracer provider configured, nothing is done per request beyond one type chec
 
 from __future__ import annotations
 
-from time import perf_counter_ns, time_ns
+from time import monotonic, perf_counter_ns, time_ns
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -31,6 +31,7 @@ _KNOWN_METHODS = frozenset(
 )
 _PROPAGATED = frozenset((b"traceparent", b"tracestate", b"baggage"))
 TIMELINE_COLUMNS = 40
+RECHECK_S = 1.0  # while no SDK provider is configured, look again this often
 
 
 class Spans:
@@ -40,6 +41,7 @@ class Spans:
         self._provider = tracer_provider
         self.query_spans = query_spans
         self._tracer: Any = None
+        self._next_check = 0.0
         # OpenTelemetry's own ASGI middleware inside LoopWatch makes the server span.
         self._asgi_inside = _has_otel_asgi(app)
 
@@ -47,6 +49,13 @@ class Spans:
         """The tracer, or None while no SDK tracer provider is configured."""
         if self._tracer is not None:
             return self._tracer
+        # Looking the global provider up reads os.environ while none is set: at most once
+        # a second, so an app without an SDK pays nothing per request (a provider set up
+        # later is picked up within a second).
+        now = monotonic()
+        if now < self._next_check:
+            return None
+        self._next_check = now + RECHECK_S
         provider = self._provider or trace_api.get_tracer_provider()
         if isinstance(provider, (ProxyTracerProvider, trace_api.NoOpTracerProvider)):
             return None  # no SDK: cost nothing (checked again on the next request)

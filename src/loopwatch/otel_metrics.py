@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from time import monotonic
 from typing import Any
 
 from opentelemetry import metrics as metrics_api
@@ -19,6 +20,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from . import _pg
 from ._process import state
 from ._version import __version__
+from .otel import RECHECK_S
 from .record import RequestRecord
 
 # The API's stand-ins before (or without) an SDK: recording to them does nothing, so
@@ -32,6 +34,7 @@ class Metrics:
     def __init__(self, meter_provider: Any = None) -> None:
         self._provider = meter_provider
         self._made = False
+        self._next_check = 0.0
         self._cpu: Any = None
         self._db: Any = None
         self._pool: Any = None
@@ -40,6 +43,10 @@ class Metrics:
     def active(self) -> bool:
         if self._made:
             return True
+        now = monotonic()  # see Spans.tracer: at most one look-up a second
+        if now < self._next_check:
+            return False
+        self._next_check = now + RECHECK_S
         provider = self._provider or metrics_api.get_meter_provider()
         if type(provider).__name__ in _NO_SDK:
             return False
