@@ -9,6 +9,7 @@ a :class:`~loopwatch.record.ProcessSample`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import secrets
@@ -57,6 +58,10 @@ class ProcessState:
             if self._thread is not None:
                 return
             self.interval = interval
+            # One quick reading now (once per process): the first requests must not end
+            # before the sampler thread's first, slower sample.
+            with contextlib.suppress(psutil.Error, OSError):
+                self.rss = int(psutil.Process(self.pid).memory_info().rss)
             self._thread = threading.Thread(target=self._run, name="loopwatch-sampler", daemon=True)
             self._thread.start()
 
