@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -9,10 +10,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
+from loopwatch import InstrumentedPool, create_pool
 
 from .helpers import Server
 
@@ -37,6 +40,14 @@ def pg_dsn() -> Iterator[str]:
         with contextlib.suppress(Exception):
             server.cleanup()
         shutil.rmtree(datadir, ignore_errors=True)
+
+
+@pytest.fixture
+async def pool(pg_dsn: str) -> AsyncIterator[InstrumentedPool]:
+    """An instrumented pool of one connection: any second holder has to wait."""
+    p = await create_pool(pg_dsn, min_size=1, max_size=1)
+    yield p
+    await asyncio.wait_for(p.close(), 10)
 
 
 @pytest.fixture

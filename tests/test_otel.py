@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -35,13 +35,6 @@ def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
     p.add_span_processor(SimpleSpanProcessor(exporter))
     yield p
     p.shutdown()
-
-
-@pytest.fixture
-async def pool(pg_dsn: str) -> AsyncIterator[InstrumentedPool]:
-    p = await create_pool(pg_dsn, min_size=1, max_size=1)
-    yield p
-    await asyncio.wait_for(p.close(), 10)
 
 
 def make_app(pool: InstrumentedPool) -> Starlette:

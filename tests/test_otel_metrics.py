@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from loopwatch import InstrumentedPool, LoopWatch, create_pool
+from loopwatch import InstrumentedPool, LoopWatch
 from loopwatch.otel_metrics import Metrics
 
 
@@ -29,13 +29,6 @@ def provider(reader: InMemoryMetricReader) -> Iterator[MeterProvider]:
     p = MeterProvider(metric_readers=[reader])
     yield p
     p.shutdown()
-
-
-@pytest.fixture
-async def pool(pg_dsn: str) -> AsyncIterator[InstrumentedPool]:
-    p = await create_pool(pg_dsn, min_size=1, max_size=1)
-    yield p
-    await asyncio.wait_for(p.close(), 10)
 
 
 def make_app(pool: InstrumentedPool) -> Starlette:
