@@ -8,11 +8,10 @@ milliseconds to :meth:`Trace.to_record`, called once when the request ends.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from json.encoder import encode_basestring_ascii as _esc
 from time import perf_counter_ns, thread_time_ns
 from typing import Any
 
-from .record import RequestRecord
+from .record import RequestRecord, request_line
 
 current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
 
@@ -163,27 +162,29 @@ class Trace:
         building the record (the writer thread runs this once per request)."""
         start = self.start_ns
         db_ns, pool_ns, spans = self.spans()
-        segs = ",".join(
+        segments = ",".join(
             [
                 f'["{k}",{(a - start) // 1000 / 1000!r},{(b - start) // 1000 / 1000!r}]'
                 for a, k, b in spans
             ]
         )
-        tail = ""
-        if self.error is not None:
-            tail += f',"error":{_esc(self.error)}'
-        if self.dropped:
-            tail += f',"segments_dropped":{self.dropped}'
-        route = "null" if self.route is None else _esc(self.route)
-        status = "null" if self.status is None else int(self.status)
-        rss = "null" if self.rss is None else self.rss
-        return (
-            f'{{"type":"request","id":"{self.id_prefix}-{self.seq}","pid":{self.pid},'
-            f'"start":{self.start_unix!r},"method":{_esc(self.method)},'
-            f'"path":{_esc(self.path)},"route":{route},"status":{status},'
-            f'"wall_ms":{_ms(self.end_ns - start)!r},"cpu_ms":{_ms(self.cpu_ns)!r},'
-            f'"db_ms":{_ms(db_ns)!r},"pool_wait_ms":{_ms(pool_ns)!r},"db_queries":{self.queries},'
-            f'"rss_bytes":{rss},"segments":[{segs}]{tail}}}'
+        return request_line(
+            f"{self.id_prefix}-{self.seq}",
+            self.pid,
+            self.start_unix,
+            self.method,
+            self.path,
+            self.route,
+            self.status,
+            _ms(self.end_ns - start),
+            _ms(self.cpu_ns),
+            _ms(db_ns),
+            _ms(pool_ns),
+            self.queries,
+            self.rss,
+            segments,
+            self.error,
+            self.dropped,
         )
 
 

@@ -116,19 +116,23 @@ class RequestRecord:
 
     def to_json(self) -> str:
         """One line of the record file: the same object as :meth:`to_dict`, 4x faster."""
-        segs = ",".join([f'["{k}",{a!r},{b!r}]' for k, a, b in self.segments])
-        tail = ""
-        if self.error is not None:
-            tail += f',"error":{_esc(self.error)}'
-        if self.segments_dropped:
-            tail += f',"segments_dropped":{self.segments_dropped}'
-        return (
-            f'{{"type":"request","id":{_esc(self.id)},"pid":{self.pid},"start":{self.start!r},'
-            f'"method":{_esc(self.method)},"path":{_esc(self.path)},'
-            f'"route":{_opt_json(self.route)},"status":{_opt_json(self.status)},'
-            f'"wall_ms":{self.wall_ms!r},"cpu_ms":{self.cpu_ms!r},"db_ms":{self.db_ms!r},'
-            f'"pool_wait_ms":{self.pool_wait_ms!r},"db_queries":{self.db_queries},'
-            f'"rss_bytes":{_opt_json(self.rss_bytes)},"segments":[{segs}]{tail}}}'
+        return request_line(
+            self.id,
+            self.pid,
+            self.start,
+            self.method,
+            self.path,
+            self.route,
+            self.status,
+            self.wall_ms,
+            self.cpu_ms,
+            self.db_ms,
+            self.pool_wait_ms,
+            self.db_queries,
+            self.rss_bytes,
+            ",".join([f'["{k}",{a!r},{b!r}]' for k, a, b in self.segments]),
+            self.error,
+            self.segments_dropped,
         )
 
     @classmethod
@@ -236,6 +240,41 @@ def parse_line(line: str | bytes) -> Record | None:
     except ValueError as exc:
         raise RecordError(f"line is not JSON: {exc}.") from None
     return from_dict(d)
+
+
+def request_line(
+    rid: str,
+    pid: int,
+    start: float,
+    method: str,
+    path: str,
+    route: str | None,
+    status: int | None,
+    wall_ms: float,
+    cpu_ms: float,
+    db_ms: float,
+    pool_wait_ms: float,
+    db_queries: int,
+    rss_bytes: int | None,
+    segments: str,
+    error: str | None,
+    segments_dropped: int,
+) -> str:
+    """A request line of the record file, formatted directly: the one place the line's
+    layout is written (``segments`` comes already joined: ``["cpu",0.0,1.2],…``)."""
+    tail = ""
+    if error is not None:
+        tail += f',"error":{_esc(error)}'
+    if segments_dropped:
+        tail += f',"segments_dropped":{segments_dropped}'
+    return (
+        f'{{"type":"request","id":{_esc(rid)},"pid":{pid},"start":{start!r},'
+        f'"method":{_esc(method)},"path":{_esc(path)},'
+        f'"route":{_opt_json(route)},"status":{_opt_json(status)},'
+        f'"wall_ms":{wall_ms!r},"cpu_ms":{cpu_ms!r},"db_ms":{db_ms!r},'
+        f'"pool_wait_ms":{pool_wait_ms!r},"db_queries":{db_queries},'
+        f'"rss_bytes":{_opt_json(rss_bytes)},"segments":[{segments}]{tail}}}'
+    )
 
 
 def _opt_json(v: str | int | None) -> str:
