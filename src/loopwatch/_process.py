@@ -85,11 +85,8 @@ class ProcessState:
         clock_thread: int | None = None
         last_requests = -1
         last_emit = 0.0
-        first = True
         while True:
-            if not first:  # the first sample at once: requests should not wait for memory
-                time.sleep(self.interval)
-            first = False
+            time.sleep(self.interval)
             try:
                 rss, uss = _memory(proc)
                 self.rss = rss

@@ -198,7 +198,7 @@ class LoopWatch:
             return
         if trace.otel is not None:
             try:
-                trace.otel.end(record, scope)
+                trace.otel.end(record)
             except Exception as exc:
                 _failures.failed("ending the request's span", exc)
         if metrics is not None:

@@ -96,7 +96,7 @@ class RequestSpans:
             token, self._token = self._token, None
             otel_context.detach(token)  # logs, never raises, when closed from elsewhere
 
-    def end(self, record: RequestRecord, scope: dict[str, Any]) -> None:
+    def end(self, record: RequestRecord) -> None:
         """Put the request's figures on the server span; end it if it is ours."""
         span = self.span if self.span is not None else trace_api.get_current_span()
         if not span.is_recording():
