@@ -25,7 +25,6 @@ fraction of the other's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import socket
@@ -35,29 +34,15 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
+from loopwatch.demo import database
+
 HERE = Path(__file__).resolve().parent
 MODES = ["bare", "loopwatch"]
 ENDPOINTS = ["/trivial", "/query"]
-
-
-@contextlib.contextmanager
-def database(dsn: str | None) -> Iterator[str]:
-    if dsn:
-        yield dsn
-        return
-    import pgserver
-
-    datadir = tempfile.mkdtemp(prefix="lwbench-")
-    server = pgserver.get_server(datadir, cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
 
 
 def free_port() -> int:
@@ -146,7 +131,10 @@ def main() -> None:
     raw: dict[str, dict[str, list[tuple[float, float]]]] = {
         m: {e: [] for e in endpoints} for m in modes
     }
-    with database(args.dsn) as dsn, tempfile.TemporaryDirectory(prefix="lwbench-rec-") as rec:
+    with (
+        tempfile.TemporaryDirectory(prefix="lwbench-") as rec,
+        database(args.dsn, Path(rec)) as dsn,
+    ):
         servers = {m: start_server(m, dsn, rec, server_cpu) for m in modes}
         try:
             for _proc, port in servers.values():  # warm up: imports, pools, caches

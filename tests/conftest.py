@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from loopwatch import InstrumentedPool, create_pool
+from loopwatch.demo import database
 
 from .helpers import Server
 
@@ -25,21 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
     """A real PostgreSQL: $LOOPWATCH_TEST_DSN, or an embedded one (pgserver) for the session."""
-    dsn = os.environ.get("LOOPWATCH_TEST_DSN")
-    if dsn:
-        yield dsn
-        return
-    import pgserver
-
     # A short path: the server's unix socket lives in it, and socket paths are limited.
-    datadir = tempfile.mkdtemp(prefix="lwpg-")
-    server = pgserver.get_server(datadir, cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        with contextlib.suppress(Exception):
-            server.cleanup()
-        shutil.rmtree(datadir, ignore_errors=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="lwpg-") as workdir,
+        database(os.environ.get("LOOPWATCH_TEST_DSN"), Path(workdir)) as dsn,
+    ):
+        yield dsn
 
 
 @pytest.fixture
