@@ -10,6 +10,12 @@ BENCH_MODE=otel-contrib  OpenTelemetry's own instrumentation: the ASGI OpenTelem
 BENCH_MODE=loopwatch-spans  loopwatch as in BENCH_MODE=loopwatch, exporting its spans
                       (both span modes: a global SDK TracerProvider, a BatchSpanProcessor
                       and an exporter that does nothing; see otel_setup.py)
+BENCH_MODE=lw-spans-nofile  diagnostic: loopwatch-spans without the record file (loopwatch as
+                      a span exporter only)
+BENCH_MODE=sdk-floor  diagnostic: the bare app making, through the same SDK set-up, the
+                      fewest spans any span export must: a server span per request (current
+                      while the app runs) and a client span per query, no attributes beyond
+                      the names; what the SDK alone costs, whoever calls it
 BENCH_MODE=lw-nofile  diagnostic: LoopWatch(file=None) and loopwatch.create_pool
 BENCH_MODE=lw-mw      diagnostic: LoopWatch (record file written) over a plain asyncpg pool
 BENCH_MODE=lw-nofile-nocpu  diagnostic: lw-nofile with the wall clock standing in for the
@@ -36,7 +42,7 @@ import loopwatch
 MODE = os.environ.get("BENCH_MODE", "bare")
 DSN = os.environ["BENCH_DSN"]
 
-if MODE in ("otel-contrib", "loopwatch-spans"):
+if MODE in ("otel-contrib", "loopwatch-spans", "lw-spans-nofile", "sdk-floor"):
     import otel_setup
 
     otel_setup.install()
@@ -47,7 +53,7 @@ if MODE == "otel-contrib":
 
 
 def make_pool() -> Any:
-    if MODE in ("bare", "lw-mw", "otel-contrib"):
+    if MODE in ("bare", "lw-mw", "otel-contrib", "sdk-floor"):
         return asyncpg.create_pool(DSN, min_size=4, max_size=4)
     return loopwatch.create_pool(DSN, min_size=4, max_size=4)
 
@@ -65,15 +71,48 @@ async def trivial(request: Request) -> Response:
 
 async def query(request: Request) -> Response:
     async with request.app.state.pool.acquire() as conn:
-        value = await conn.fetchval("SELECT 1")
+        if MODE == "sdk-floor":
+            span = _floor_tracer.start_span("SELECT", kind=SpanKind.CLIENT)
+            value = await conn.fetchval("SELECT 1")
+            span.end()
+        else:
+            value = await conn.fetchval("SELECT 1")
     return PlainTextResponse(str(value))
+
+
+if MODE == "sdk-floor":
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.trace import SpanKind
+
+    _floor_tracer = otel_trace.get_tracer("sdk-floor")
+
+    class FloorSpans:
+        """The least a span-exporting middleware does: one current server span."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            span = _floor_tracer.start_span(scope["method"], kind=SpanKind.SERVER)
+            token = otel_context.attach(otel_trace.set_span_in_context(span))
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                otel_context.detach(token)
+                span.end()
 
 
 middleware = []
 if MODE in ("loopwatch", "loopwatch-spans", "lw-mw"):
     middleware = [Middleware(loopwatch.LoopWatch)]
-elif MODE in ("lw-nofile", "lw-nofile-nocpu"):
+elif MODE in ("lw-nofile", "lw-nofile-nocpu", "lw-spans-nofile"):
     middleware = [Middleware(loopwatch.LoopWatch, file=None)]
+elif MODE == "sdk-floor":
+    middleware = [Middleware(FloorSpans)]
 app = Starlette(
     routes=[Route("/trivial", trivial), Route("/query", query)],
     middleware=middleware,

@@ -177,16 +177,16 @@ def main() -> None:
                 f"{statistics.median(rps):8.0f} ({min(rps):4.0f}-{max(rps):4.0f}) "
                 f"{med - base:+8.1f} us {med / base:9.3f}"
             )
-    if "otel-contrib" in modes and "loopwatch-spans" in modes:
-        print(f"\nadded CPU, loopwatch-spans / otel-contrib (over {modes[0]}):")
+    span_modes = [m for m in ("loopwatch-spans", "lw-spans-nofile", "sdk-floor") if m in modes]
+    if "otel-contrib" in modes and span_modes:
+        print(f"\nadded CPU as a share of otel-contrib's (both over {modes[0]}):")
         for e in endpoints:
             base = statistics.median(us for us, _ in raw[modes[0]][e])
-            lw, otel = (
-                statistics.median(us for us, _ in raw[m][e]) - base
-                for m in ("loopwatch-spans", "otel-contrib")
-            )
-            share = f"{lw / otel:.2f}" if otel > 0 else "n/a"
-            print(f"{e:10} {lw:+.1f} us / {otel:+.1f} us = {share}")
+            otel = statistics.median(us for us, _ in raw["otel-contrib"][e]) - base
+            for m in span_modes:
+                lw = statistics.median(us for us, _ in raw[m][e]) - base
+                share = f"{lw / otel:.2f}" if otel > 0 else "n/a"
+                print(f"{e:10} {m:15} {lw:+7.1f} us / {otel:+7.1f} us = {share}")
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
 

@@ -90,6 +90,21 @@ async def test_server_span_follows_http_conventions_and_carries_loopwatch_figure
     assert server.status.status_code != StatusCode.ERROR
 
 
+async def test_unknown_method_is_other_and_named_http(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(make_app(pool), file=None, tracer_provider=provider)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.request("PURGE", "/items/7")).status_code == 405
+        assert (await client.request("PURGE", "/nowhere")).status_code == 404
+    routed, unrouted = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    assert routed.name == "HTTP /items/{item_id}"
+    assert unrouted.name == "HTTP"
+    for span in (routed, unrouted):
+        assert dict(span.attributes or {})["http.request.method"] == "_OTHER"
+
+
 async def test_query_spans_are_children_with_database_conventions(
     pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

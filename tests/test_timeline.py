@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import re
 import time
 
 import pytest
 
+from loopwatch import timeline
 from loopwatch.record import RequestRecord
-from loopwatch.timeline import render_timeline
+from loopwatch.timeline import render_bar, render_timeline
 
 T0 = 1_000.0  # unix seconds; every request below starts a whole number of ms after this
 
@@ -307,3 +309,37 @@ def test_fast_enough_for_the_cli() -> None:
     out = render_timeline(requests, 200)
     assert time.perf_counter() - t < 0.1
     assert len(out.splitlines()) == 1 + 200 + 1 + 1
+
+
+def test_render_bar_draws_a_request_over_its_own_wall_time() -> None:
+    rec = req(0, 40, ("cpu", 0, 10), ("pool", 10, 15), ("db", 15, 35), ("cpu", 35, 40))
+    assert render_bar(rec, 8) == "██▒░░░░█"
+    assert render_bar(rec, 8, ascii=True) == "##%....#"
+    # Gaps are other waiting; a CPU step shorter than a column still shows.
+    assert render_bar(req(0, 80, ("cpu", 0, 1), ("cpu", 79.5, 80)), 8) == "█······█"
+    assert render_bar(req(0, 0, ("cpu", 0, 0)), 4) == "█   "
+    with pytest.raises(ValueError, match="columns must be at least 1"):
+        render_bar(rec, 0)
+
+
+def test_render_bar_shortcut_agrees_with_the_general_renderer() -> None:
+    """render_bar takes a shortcut for rows drawn over their own wall time; on random
+    rows (overlaps, gaps, segments outside the request, boundaries on column edges) it
+    must draw exactly what the general row renderer draws."""
+    rng = random.Random(4)
+    shortcut = 0
+    for _ in range(5000):
+        wall = rng.choice([0.0, 0.0005, 0.05, 1.0, 3.7, 40.0, 123.4])
+        n = rng.choice([1, 2, 7, 40, 41])
+        segments = []
+        for _ in range(rng.randint(0, 8)):
+            a = rng.uniform(-0.1 * wall, 1.1 * wall)
+            if rng.random() < 0.3:
+                a = round(a / (wall / n)) * (wall / n) if wall else 0.0
+            b = a + rng.choice([0.0, rng.uniform(0, wall * 0.3), wall / n, wall / (2 * n)])
+            segments.append((rng.choice(["cpu", "db", "pool", "cpu", "other"]), a, b))
+        rec = req(0, wall, *segments)
+        general = timeline._row_states(rec, 0.0, max(wall, 1e-3), n)
+        assert render_bar(rec, n) == "".join(timeline._GLYPHS[s] for s in general), rec
+        shortcut += timeline._own_row_states(rec.segments, wall, n) is not None if wall else 0
+    assert shortcut > 3000  # the shortcut was actually exercised

@@ -69,8 +69,9 @@ class Spans:
         if self._asgi_inside or trace_api.get_current_span().get_span_context().is_valid:
             return RequestSpans(self, tracer, None, None)  # enrich the existing server span
         parent = _extract(scope)
+        method = scope.get("method", "")
         span = tracer.start_span(
-            scope.get("method", "HTTP"),
+            method if method in _KNOWN_METHODS else "HTTP",  # the route comes at the end
             context=parent,
             kind=SpanKind.SERVER,
             attributes=_request_attributes(scope),
@@ -101,22 +102,24 @@ class RequestSpans:
         span = self.span if self.span is not None else trace_api.get_current_span()
         if not span.is_recording():
             return
-        method = _method(record.method)
-        if self.span is not None:
-            span.update_name(f"{method} {record.route}" if record.route else method)
+        attributes = _loopwatch_attributes(record)
+        if self.span is not None:  # ours: the HTTP attributes known only now, and its end
             if record.route:
-                span.set_attribute("http.route", record.route)
+                method = record.method if record.method in _KNOWN_METHODS else "HTTP"
+                span.update_name(f"{method} {record.route}")
+                attributes["http.route"] = record.route
             if record.status is not None:
-                span.set_attribute("http.response.status_code", record.status)
+                attributes["http.response.status_code"] = record.status
             error = record.error or (
                 str(record.status) if record.status is not None and record.status >= 500 else None
             )
             if error is not None:
-                span.set_attribute("error.type", error)
+                attributes["error.type"] = error
                 span.set_status(Status(StatusCode.ERROR))
-        span.set_attributes(_loopwatch_attributes(record))
-        if self.span is not None:
+            span.set_attributes(attributes)  # one call: the SDK validates and locks per call
             span.end()
+        else:
+            span.set_attributes(attributes)
 
     # --- queries -----------------------------------------------------------------------
 
