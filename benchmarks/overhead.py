@@ -19,7 +19,8 @@ The span comparison:
 otel-contrib is OpenTelemetry's ASGI + asyncpg instrumentation, loopwatch-spans is
 loopwatch exporting its spans; both through the same SDK set-up and an exporter that
 does nothing (benchmarks/otel_setup.py), and the added CPU of the one is reported as a
-fraction of the other's.
+fraction of the other's. Add lw-spans-nofile (loopwatch as a span exporter only) and
+sdk-floor (the fewest spans, straight through the SDK) to see what the SDK itself costs.
 """
 
 from __future__ import annotations
