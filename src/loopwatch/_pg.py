@@ -49,14 +49,31 @@ async def _timed(
     trace = current.get()
     if trace is None or not trace.open:
         return await awaitable
-    if trace.otel is not None:
-        return await _timed_with_spans(trace, awaitable, pool, count, proxy, call, args)
+    spans = trace.otel
     step = trace.step_w0
+    if spans is None:
+        t0 = perf_counter_ns()
+        try:
+            return await awaitable
+        finally:
+            _account(trace, step, t0, pool, count)
+    # With spans (inline rather than a second coroutine: this is every query's path).
+    text, operation, connection = (
+        proxy._lw_describe(call, args) if proxy is not None else (None, None, None)
+    )
+    span = spans.query_start(text, operation, connection) if count == _ALWAYS else None
     t0 = perf_counter_ns()
     try:
-        return await awaitable
-    finally:
+        result = await awaitable
+    except BaseException as exc:
         _account(trace, step, t0, pool, count)
+        spans.query_end(span, exc)
+        raise
+    suspended, t1 = _account(trace, step, t0, pool, count)
+    spans.query_end(span, None)
+    if suspended and span is None and (pool or count == _IF_SUSPENDED):  # a wait, a batch
+        spans.waited("pool" if pool else "db", t0, t1, connection)
+    return result
 
 
 def _account(trace: Any, step: int, t0: int, pool: bool, count: int) -> tuple[bool, int]:
@@ -71,35 +88,6 @@ def _account(trace: Any, step: int, t0: int, pool: bool, count: int) -> tuple[bo
         if count == _ALWAYS or (count == _IF_SUSPENDED and suspended):
             trace.queries += 1
     return suspended, t1
-
-
-async def _timed_with_spans(
-    trace: Any,
-    awaitable: Awaitable[Any],
-    pool: bool,
-    count: int,
-    proxy: Any,
-    call: str,
-    args: tuple[Any, ...],
-) -> Any:
-    spans = trace.otel
-    text, operation, connection = (
-        proxy._lw_describe(call, args) if proxy is not None else (None, None, None)
-    )
-    span = spans.query_start(text, operation, connection) if count == _ALWAYS else None
-    step = trace.step_w0
-    t0 = perf_counter_ns()
-    try:
-        result = await awaitable
-    except BaseException as exc:
-        _account(trace, step, t0, pool, count)
-        spans.query_end(span, exc)
-        raise
-    suspended, t1 = _account(trace, step, t0, pool, count)
-    spans.query_end(span, None)
-    if suspended and span is None and (pool or count == _IF_SUSPENDED):  # a wait, a batch
-        spans.waited("pool" if pool else "db", t0, t1, connection)
-    return result
 
 
 def _query(name: str) -> Callable[..., Awaitable[Any]]:

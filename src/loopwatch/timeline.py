@@ -152,13 +152,22 @@ def _own_row_states(
         times[k] = b - c1 * col
     if cur >= 0 and not _settle(states, cur, times, col):
         return None
+    end = col * n
     for a, b in cpu_segs:  # as in _row_states: a short CPU step still shows
-        mid = int((a + b) / 2 / col)
-        mid = 0 if mid < 0 else n - 1 if mid >= n else mid
-        if states[mid] != CPU:
-            c0, c1 = _cols(a, b, col, n)
-            if c0 >= 0 and CPU not in states[c0 : c1 + 1]:
-                states[mid] = CPU
+        mid = int((a + b) / 2 / col)  # the segments lie in [0, wall]: never negative
+        if mid >= n:
+            mid = n - 1
+        if states[mid] == CPU or a > end:
+            continue
+        c0, c1 = int(a / col), int(b / col)  # _cols, inlined
+        if c0 >= n:
+            c0 = n - 1
+        if c1 >= n:
+            c1 = n - 1
+        if b > a and c1 > c0 and c1 * col >= b:
+            c1 -= 1
+        if CPU not in states[c0 : c1 + 1]:
+            states[mid] = CPU
     return states if IDLE not in states else None
 
 
