@@ -69,9 +69,8 @@ class Spans:
         if self._asgi_inside or trace_api.get_current_span().get_span_context().is_valid:
             return RequestSpans(self, tracer, None, None)  # enrich the existing server span
         parent = _extract(scope)
-        method = scope.get("method", "")
         span = tracer.start_span(
-            method if method in _KNOWN_METHODS else "HTTP",  # the route comes at the end
+            _name_method(scope.get("method", "")),  # the route is added at the end
             context=parent,
             kind=SpanKind.SERVER,
             attributes=_request_attributes(scope),
@@ -105,8 +104,7 @@ class RequestSpans:
         attributes = _loopwatch_attributes(record)
         if self.span is not None:  # ours: the HTTP attributes known only now, and its end
             if record.route:
-                method = record.method if record.method in _KNOWN_METHODS else "HTTP"
-                span.update_name(f"{method} {record.route}")
+                span.update_name(f"{_name_method(record.method)} {record.route}")
                 attributes["http.route"] = record.route
             if record.status is not None:
                 attributes["http.response.status_code"] = record.status
@@ -200,6 +198,11 @@ def _request_attributes(scope: dict[str, Any]) -> dict[str, Any]:
 
 def _method(method: str) -> str:
     return method if method in _KNOWN_METHODS else "_OTHER"
+
+
+def _name_method(method: str) -> str:
+    """The method as a span name shows it: ``HTTP`` for one outside the standard set."""
+    return method if method in _KNOWN_METHODS else "HTTP"
 
 
 def _extract(scope: dict[str, Any]) -> Any:

@@ -111,8 +111,7 @@ def render_bar(rec: RequestRecord, columns: int = 40, *, ascii: bool = False) ->
         states = _own_row_states(rec.segments, wall, columns)
     if states is None:
         states = _row_states(rec, 0.0, max(wall, 1e-3), columns)
-    glyphs = _ASCII_GLYPHS if ascii else _GLYPHS
-    return "".join([glyphs[s] for s in states])
+    return _paint(states, _ASCII_GLYPHS if ascii else _GLYPHS, False)
 
 
 def _own_row_states(
