@@ -126,11 +126,11 @@ if MODE == "otel-contrib":
 if MODE == "lw-nofile-nocpu":  # diagnostic: what the thread CPU clock costs
     import time
 
-    import loopwatch._steps
-    import loopwatch._trace
+    import loopwatch._capture.steps
+    import loopwatch._capture.trace
 
-    loopwatch._steps.thread_time_ns = time.perf_counter_ns  # type: ignore[attr-defined]
-    loopwatch._trace.thread_time_ns = time.perf_counter_ns  # type: ignore[attr-defined]
+    loopwatch._capture.steps.thread_time_ns = time.perf_counter_ns  # type: ignore[attr-defined]
+    loopwatch._capture.trace.thread_time_ns = time.perf_counter_ns  # type: ignore[attr-defined]
 
 if os.environ.get("BENCH_GC_OFF"):  # diagnostic: how much of the cost is garbage collection
     import gc
@@ -152,9 +152,9 @@ if "end" in _ablate:
 
     loopwatch.middleware.LoopWatch._end = lambda *a: a[1].close()  # type: ignore[method-assign]
 if "sampler" in _ablate:
-    import loopwatch._process
+    import loopwatch._capture.process
 
-    loopwatch._process.ProcessState.ensure_sampler = lambda self, interval: None  # type: ignore[method-assign]
+    loopwatch._capture.process.ProcessState.ensure_sampler = lambda self, interval: None  # type: ignore[method-assign]
 if "all" in _ablate:
     import loopwatch.middleware
 
@@ -165,7 +165,7 @@ if "all" in _ablate:
 if "only" in _ablate:
     import time as _time
 
-    import loopwatch._trace
+    import loopwatch._capture.trace
     import loopwatch.middleware
 
     async def _only(self: Any, scope: Any, receive: Any, send: Any) -> None:
@@ -174,11 +174,11 @@ if "only" in _ablate:
             return
         token = None
         if "onlytrace" in _ablate:
-            loopwatch._trace.Trace(
+            loopwatch._capture.trace.Trace(
                 _time.time(), _time.perf_counter_ns(), scope["method"], scope["path"]
             )
         if "onlyctx" in _ablate:
-            token = loopwatch._trace.current.set(None)
+            token = loopwatch._capture.trace.current.set(None)
         if "onlywrap" in _ablate:
 
             async def wrapper(message: Any) -> None:
@@ -188,6 +188,6 @@ if "only" in _ablate:
         else:
             await self.app(scope, receive, send)
         if token is not None:
-            loopwatch._trace.current.reset(token)
+            loopwatch._capture.trace.current.reset(token)
 
     loopwatch.middleware.LoopWatch.__call__ = _only  # type: ignore[method-assign]

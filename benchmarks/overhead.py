@@ -39,7 +39,7 @@ from pathlib import Path
 
 import psutil
 
-from loopwatch.demo import database
+from loopwatch.cli.demo import database
 
 HERE = Path(__file__).resolve().parent
 MODES = ["bare", "loopwatch"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from loopwatch import InstrumentedPool, create_pool
-from loopwatch.demo import database
+from loopwatch.cli.demo import database
 
 from .helpers import Server
 

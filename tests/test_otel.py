@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from loopwatch import InstrumentedPool, LoopWatch, create_pool
-from loopwatch.otel import Spans
+from loopwatch.export.otel import Spans
 
 SECRET_PARAM = "hunter2-param"
 

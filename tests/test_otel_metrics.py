@@ -16,7 +16,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from loopwatch import InstrumentedPool, LoopWatch
-from loopwatch.otel_metrics import Metrics
+from loopwatch.export.otel_metrics import Metrics
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from loopwatch._trace import MAX_INTERVALS, Trace
+from loopwatch._capture.trace import MAX_INTERVALS, Trace
 from loopwatch.record import (
     FORMAT_VERSION,
     Meta,

@@ -27,9 +27,10 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from loopwatch import _failures, _writer
-from loopwatch._process import state
-from loopwatch._writer import writer_for
+from loopwatch import _failures
+from loopwatch._capture.process import state
+from loopwatch.export import writer as _writer
+from loopwatch.export.writer import writer_for
 from loopwatch.record import Meta, ProcessSample, RequestRecord, parse_line
 
 from .conftest import ROOT, serve
@@ -384,7 +385,7 @@ _EXIT_WITH_BLOCKED_WRITER = textwrap.dedent(
     """
     import asyncio, sys, time
     import httpx
-    from loopwatch._writer import writer_for
+    from loopwatch.export.writer import writer_for
     from tests.file_apps import make_app
 
     path = sys.argv[1]
@@ -429,7 +430,7 @@ _DISK_FULL_MID_LINE = textwrap.dedent(
     """
     import asyncio, os, resource, signal, sys
     import httpx
-    from loopwatch._writer import writer_for
+    from loopwatch.export.writer import writer_for
     from tests.file_apps import make_app
 
     path = sys.argv[1]

@@ -17,8 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import loopwatch
-from loopwatch import _writer
-from loopwatch.capacity import X
+from loopwatch.export import writer as _writer
 from loopwatch.record import Meta, ProcessSample, RequestRecord
 from loopwatch.report import (
     Report,
@@ -29,7 +28,8 @@ from loopwatch.report import (
     render_routes,
     render_summary,
 )
-from loopwatch.summary import percentile
+from loopwatch.report.capacity import X
+from loopwatch.report.summary import percentile
 
 T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 MB = 1_000_000

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from loopwatch import timeline
 from loopwatch.record import RequestRecord
-from loopwatch.timeline import render_bar, render_timeline
+from loopwatch.renderers import timeline
+from loopwatch.renderers.timeline import render_bar, render_timeline
 
 T0 = 1_000.0  # unix seconds; every request below starts a whole number of ms after this
 

@@ -190,7 +190,7 @@ _FORK = textwrap.dedent(
     """
     import asyncio, json, os, sys
     import httpx
-    from loopwatch._writer import writer_for
+    from loopwatch.export.writer import writer_for
     from tests.file_apps import make_app
 
     path, pending = sys.argv[1], sys.argv[2] == "pending"

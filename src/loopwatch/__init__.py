@@ -4,7 +4,8 @@ app.add_middleware(LoopWatch)                 # records to ./loopwatch.jsonl
 pool = await create_pool(dsn, max_size=15)    # drop-in for asyncpg.create_pool
 """
 
-from ._pg import (
+from ._version import __version__
+from .integrations.asyncpg import (
     InstrumentedConnection,
     InstrumentedPool,
     connect,
@@ -12,7 +13,6 @@ from ._pg import (
     wrap_connection,
     wrap_pool,
 )
-from ._version import __version__
 from .middleware import LoopWatch
 from .record import Meta, ProcessSample, RecordError, RequestRecord
 

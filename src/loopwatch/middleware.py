@@ -11,16 +11,17 @@ from time import perf_counter_ns
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
-from . import _failures, _routes
-from ._process import state
-from ._steps import StepTimer, TaskFactory, install_task_factory
-from ._trace import Trace, current
-from ._writer import writer_for
+from . import _failures
+from ._capture import routes as _routes
+from ._capture.process import state
+from ._capture.steps import StepTimer, TaskFactory, install_task_factory
+from ._capture.trace import Trace, current
+from .export.writer import writer_for
 from .record import RequestRecord
 
 if TYPE_CHECKING:
-    from .otel import Spans
-    from .otel_metrics import Metrics
+    from .export.otel import Spans
+    from .export.otel_metrics import Metrics
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -80,12 +81,12 @@ class LoopWatch:
             state.add_sink(writer.submit)
         self._spans: Spans | None = None
         if spans:
-            from .otel import Spans
+            from .export.otel import Spans
 
             self._spans = Spans(app, tracer_provider, query_spans=query_spans)
         self._metrics: Metrics | None = None
         if metrics:
-            from .otel_metrics import Metrics
+            from .export.otel_metrics import Metrics
 
             self._metrics = Metrics(meter_provider)
 

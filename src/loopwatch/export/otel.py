@@ -22,9 +22,9 @@ from opentelemetry import propagate
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCode
 
-from ._version import __version__
-from .record import RequestRecord
-from .timeline import render_bar
+from .._version import __version__
+from ..record import RequestRecord
+from ..renderers.timeline import render_bar
 
 _KNOWN_METHODS = frozenset(
     ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")

@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from time import perf_counter_ns, thread_time_ns
 from typing import Any
 
-from .record import RequestRecord, request_line
+from ..record import RequestRecord, request_line
 
 current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
 

@@ -1,6 +1,6 @@
 """The app ``loopwatch demo`` serves: Starlette, LoopWatch, and a pool of 15 connections.
 
-Run by uvicorn in its own process (``--factory loopwatch._demo_app:create_app``) so the
+Run by uvicorn in its own process (``--factory loopwatch.cli.demo_app:create_app``) so the
 memory and CPU it records are the server's alone. Configured by LOOPWATCH_DEMO_DSN and
 LOOPWATCH_FILE.
 """
@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import LoopWatch, create_pool
+from .. import LoopWatch, create_pool
 
 POOL_SIZE = 15
 QUERY_SECONDS = 0.05

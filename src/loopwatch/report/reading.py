@@ -16,8 +16,8 @@ from array import array
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ._text import clean
-from .record import FORMAT_VERSION, Meta, ProcessSample, RecordError, RequestRecord
+from ..record import FORMAT_VERSION, Meta, ProcessSample, RecordError, RequestRecord
+from ..renderers.text import clean
 
 MAX_LINE = 1 << 20  # longer lines are skipped without being held in memory
 MAX_ROUTES = 1000  # distinct routes kept apart; the rest share one row

@@ -17,11 +17,11 @@ from typing import Any
 from opentelemetry import metrics as metrics_api
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from . import _pg
-from ._process import state
-from ._version import __version__
+from .._capture.process import state
+from .._version import __version__
+from ..integrations import asyncpg as _pg
+from ..record import RequestRecord
 from .otel import RECHECK_S
-from .record import RequestRecord
 
 # The API's stand-ins before (or without) an SDK: recording to them does nothing, so
 # loopwatch does not even build the attributes.

@@ -17,7 +17,7 @@ from time import perf_counter_ns, thread_time_ns
 from types import TracebackType
 from typing import Any
 
-from ._trace import IDLE, Trace, current
+from .trace import IDLE, Trace, current
 
 
 class StepTimer(Coroutine[Any, Any, Any]):

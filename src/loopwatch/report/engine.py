@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..record import RequestRecord
+from ..renderers.text import clean, fmt_count, fmt_time
 from . import capacity as _capacity
 from . import summary as _summary
-from ._reading import MAX_ROUTES, Reading, read_files, read_records
-from ._text import clean, fmt_count, fmt_time
 from .capacity import Capacity
-from .record import RequestRecord
+from .reading import MAX_ROUTES, Reading, read_files, read_records
 from .summary import Summary
 
 __all__ = [

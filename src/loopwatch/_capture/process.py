@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import psutil
 
-from . import _failures
-from .record import ProcessSample
+from .. import _failures
+from ..record import ProcessSample
 
 ProcessSink = Callable[[ProcessSample], None]
 
@@ -146,7 +146,7 @@ def _thread_cpu_ns(thread_ident: int) -> int | None:
 
 
 def _dropped() -> int:
-    from . import _writer
+    from ..export import writer as _writer
 
     return sum(w.dropped for w in list(_writer._live))
 

@@ -9,8 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._reading import Reading, RouteAcc
-from ._text import (
+from ..renderers.text import (
     clean,
     fit,
     fmt_bytes,
@@ -23,6 +22,7 @@ from ._text import (
     width_of,
     wrap,
 )
+from .reading import Reading, RouteAcc
 
 ROUTE_ROWS = 20
 

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
-from .report import (
+from .._version import __version__
+from ..renderers.timeline import render_timeline
+from ..report import (
     Report,
     ReportError,
     ReportOptions,
@@ -21,7 +22,6 @@ from .report import (
     render_routes,
     render_summary,
 )
-from .timeline import render_timeline
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def demo_query_ms() -> int:
-    from ._demo_app import QUERY_SECONDS
+    from .demo_app import QUERY_SECONDS
 
     return round(QUERY_SECONDS * 1000)
 

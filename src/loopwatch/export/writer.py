@@ -17,9 +17,9 @@ import weakref
 from collections import deque
 from typing import Protocol
 
-from . import _failures
-from ._version import __version__
-from .record import Meta
+from .. import _failures
+from .._version import __version__
+from ..record import Meta
 
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 _REOPEN_AFTER_S = 5.0

@@ -1,7 +1,7 @@
 """``loopwatch demo``: 100 concurrent database-bound requests against one async process.
 
 Starts an embedded PostgreSQL (pgserver) unless a DSN is given, serves the demo app
-(loopwatch._demo_app) with uvicorn in its own process on 127.0.0.1, sends the requests
+(loopwatch.cli.demo_app) with uvicorn in its own process on 127.0.0.1, sends the requests
 with a progress bar, stops the server (which flushes its record file) and returns the
 path of the records. Everything it starts and every file it writes is cleaned up, also on
 Ctrl-C.
@@ -69,7 +69,7 @@ def server(dsn: str, record_file: Path) -> Iterator[str]:
     sock.listen(1024)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     env = {**os.environ, "LOOPWATCH_DEMO_DSN": dsn, "LOOPWATCH_FILE": str(record_file)}
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "loopwatch._demo_app:create_app",
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "loopwatch.cli.demo_app:create_app",
            "--fd", str(sock.fileno()), "--log-level", "warning", "--no-access-log"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL)
     sock.close()

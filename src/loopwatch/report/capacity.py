@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._text import fmt_bytes, fmt_count, paint, wrap
+from ..renderers.text import fmt_bytes, fmt_count, paint, wrap
 from .summary import Summary
 
 X = "\u00d7"  # the multiplication sign

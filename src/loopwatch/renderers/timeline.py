@@ -9,8 +9,8 @@ import math
 from collections.abc import Sequence
 from itertools import groupby
 
-from ._text import clean, fmt_ms
-from .record import RequestRecord
+from ..record import RequestRecord
+from .text import clean, fmt_ms
 
 # Column states, in order of precedence: where segments overlap, or two states fill a
 # column equally, the lower index wins.

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import asyncpg.connection
 
-from ._trace import current
+from .._capture.trace import current
 
 # asyncpg's Connection answers isinstance() for subclasses of this marker class, which is
 # how its own pool proxy passes as a Connection. Where it is missing, a proxy still works

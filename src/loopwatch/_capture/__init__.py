@@ -1,0 +1,1 @@
+"""Capture: the step timer, the per-request trace, process sampling and routes."""

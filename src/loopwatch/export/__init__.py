@@ -1,0 +1,1 @@
+"""Exporters: the record file, OpenTelemetry spans and metrics."""

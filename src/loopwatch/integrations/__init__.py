@@ -1,0 +1,1 @@
+"""Database drivers and ORMs, instrumented through proxies (no patching)."""

@@ -1,0 +1,1 @@
+"""Renderers: text helpers and the timeline. They do no I/O."""
