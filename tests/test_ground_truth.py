@@ -74,9 +74,16 @@ def test_concurrent_requests_keep_their_own_figures(
     for truth in truths:
         rec = records[f"/work/{truth['n']}"]
         assert truth["cpu_ms"] - 0.5 <= rec["cpu_ms"] <= truth["cpu_ms"] + 2.5, (truth, rec)
-        assert truth["db_ms"] - 1 <= rec["db_ms"] <= truth["db_ms"] + 5, (truth, rec)
-        assert abs(rec["pool_wait_ms"] - truth["pool_ms"]) <= 5, (truth, rec)
-        assert rec["wall_ms"] >= rec["cpu_ms"] + rec["db_ms"] + rec["pool_wait_ms"] - 2
+        # 100 requests burning 3-12 ms each keep the loop busy for most of a second: much
+        # of what the endpoint saw as waiting for the pool and the database was waiting
+        # for the loop. The three add up to what the endpoint measured; the database's
+        # part is at least the pg_sleep and at most the endpoint's.
+        waited_ms = rec["db_ms"] + rec["pool_wait_ms"] + rec["loop_wait_ms"]
+        assert abs(waited_ms - truth["db_ms"] - truth["pool_ms"]) <= 5, (truth, rec)
+        assert rec["db_ms"] + rec["loop_wait_ms"] >= 50 - 1, (truth, rec)
+        assert rec["db_ms"] <= truth["db_ms"] + 5, (truth, rec)
+        assert rec["pool_wait_ms"] <= truth["pool_ms"] + 5, (truth, rec)
+        assert rec["wall_ms"] >= rec["cpu_ms"] + waited_ms - 2
         waited += truth["pool_ms"] > 10
     assert waited >= n // 2, "the pool of 5 should have made most requests wait"
 

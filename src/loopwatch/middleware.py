@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from time import perf_counter_ns
@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from . import _failures
 from ._capture import routes as _routes
+from ._capture.loop import Held
 from ._capture.process import state
 from ._capture.steps import StepTimer, TaskFactory, install_task_factory
 from ._capture.trace import Trace, current
+from ._capture.watchdog import DEFAULT_STALL_S, learn_base
 from .export.writer import writer_for
-from .record import RequestRecord
+from .record import BlockedBy, RequestRecord
 
 if TYPE_CHECKING:
     from .export.otel import Spans
@@ -49,6 +51,16 @@ class LoopWatch:
     (``query_spans=False`` keeps only the request's). ``spans=False`` turns spans off.
     With an SDK meter provider (``meter_provider``, default the global one) it records
     request, pool, memory and event-loop metrics; ``metrics=False`` turns them off.
+
+    The event loop: each request's loop wait (time it could have continued while the
+    loop ran something else) is taken out of its DB, pool and other waiting. A step
+    that holds the loop longer than ``stall_threshold`` seconds (default
+    ``$LOOPWATCH_STALL_MS`` ms, else 0.1 s, asyncio's ``slow_callback_duration``) is
+    written as a ``stall`` line with the stack it blocked in. One process has one
+    watchdog: the first middleware to start sets its threshold.
+
+    Raises ValueError for a non-positive ``sample_interval`` or ``stall_threshold``, or
+    a ``LOOPWATCH_STALL_MS`` that is not a number.
     """
 
     def __init__(
@@ -64,13 +76,21 @@ class LoopWatch:
         tracer_provider: Any = None,
         metrics: bool = True,
         meter_provider: Any = None,
+        stall_threshold: float | None = None,
     ) -> None:
         if file is _FROM_ENV:
             file = os.environ.get("LOOPWATCH_FILE") or _DEFAULT_FILE
         if sample_interval <= 0:
             raise ValueError(f"sample_interval must be positive, not {sample_interval!r}.")
+        if stall_threshold is None:
+            stall_threshold = _env_seconds("LOOPWATCH_STALL_MS", DEFAULT_STALL_S)
+        if not 0 < stall_threshold < math.inf:
+            raise ValueError(
+                f"stall_threshold must be a positive number of seconds, not {stall_threshold!r}."
+            )
         self.app = app
         self.sample_interval = sample_interval
+        self.stall_threshold = stall_threshold
         self._sinks: list[RequestSink] = list(sinks)
         # The record file takes the closed trace itself: its writer thread turns it into a
         # record and a line, keeping that work out of the request path.
@@ -92,6 +112,12 @@ class LoopWatch:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and state.loop_thread is None:
+                # Watch the loop from start-up: a task the app starts there can stall it.
+                try:
+                    self._start_watching(asyncio.get_running_loop())
+                except Exception as exc:
+                    _failures.failed("starting to watch the event loop", exc)
             await self.app(scope, receive, send)
             return
         outer = current.get()
@@ -105,11 +131,13 @@ class LoopWatch:
                 install_task_factory(loop)
             st = state
             if st.loop_thread is None:
-                st.loop_thread = threading.get_ident()
-                st.ensure_sampler(self.sample_interval)
-                st.start_lag_probe(loop)
+                self._start_watching(loop)
+                learn_base()
             st.in_flight += 1
             trace = Trace(time.time(), perf_counter_ns(), scope["method"], scope["path"])
+            trace.id_prefix = st.prefix
+            trace.seq = next(st.ids)
+            trace.scope = scope
         except Exception as exc:
             _failures.failed("starting a request trace", exc)
             await self.app(scope, receive, send)
@@ -149,7 +177,7 @@ class LoopWatch:
             if final and trace.open:
                 self._end(trace, scope, root_path, None)
 
-        root_path = scope.get("root_path", "")
+        root_path = trace.root_path = scope.get("root_path", "")
         token = current.set(trace)
         try:
             app_call = self.app(scope, receive, send_wrapper)
@@ -174,6 +202,11 @@ class LoopWatch:
         if trace.open:  # the app returned without a final body (e.g. it never responded)
             self._end(trace, scope, root_path, None)
 
+    def _start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
+        if type(loop.get_task_factory()) is not TaskFactory:
+            install_task_factory(loop)
+        state.start_watching(loop, self.sample_interval, self.stall_threshold)
+
     def _end(self, trace: Trace, scope: Scope, root_path: str, error: str | None) -> None:
         trace.close()
         st = state
@@ -182,10 +215,10 @@ class LoopWatch:
         trace.error = error
         trace.rss = st.rss
         trace.pid = st.pid
-        trace.id_prefix = st.prefix
-        trace.seq = next(st.ids)
         try:
             trace.route = _routes.route_template(scope, root_path)
+            if trace.blocker is not None:
+                trace.blocked_by = _blocked_by(trace.blocker, trace.blocked_ns)
             for trace_sink in self._trace_sinks:
                 trace_sink(trace)
             metrics = self._metrics
@@ -216,3 +249,28 @@ class LoopWatch:
 
 async def _as_coroutine(awaitable: Any) -> Any:
     return await awaitable
+
+
+def _blocked_by(held: Held, overlap_ns: int) -> BlockedBy:
+    """Name what held the loop while a request waited (its route, if it still runs)."""
+    other = held.trace
+    ident = method = route = None
+    if other is not None:
+        ident = f"{other.id_prefix}-{other.seq}"
+        method = other.method
+        route = other.route if not other.open else None
+        if route is None:
+            route = _routes.route_template(other.scope, other.root_path)
+    return BlockedBy(ident, method, route, overlap_ns // 1000 / 1000, held.cpu_ns // 1000 / 1000)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A duration in ms from the environment, in seconds; a bad value is an error."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        ms = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of milliseconds, not {raw!r}.") from None
+    return ms / 1000

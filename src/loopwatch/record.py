@@ -1,8 +1,9 @@
 """The record format: the one contract between capture and everything that reads it.
 
 A record file is JSON lines. Each line is one object with a ``type``: ``meta`` (one per
-process, written when that process starts recording), ``request`` (one per HTTP request)
-or ``process`` (periodic samples). Readers ignore unknown fields and unknown types, so
+process, written when that process starts recording), ``request`` (one per HTTP request),
+``process`` (periodic samples) or ``stall`` (one per step that held the event loop too
+long). Readers ignore unknown fields and unknown types, so
 the format can grow without a version bump. This module imports only the standard
 library.
 """
@@ -17,8 +18,8 @@ from typing import Any, Literal
 
 FORMAT_VERSION = 1
 
-SegmentKind = Literal["cpu", "db", "pool"]
-SEGMENT_KINDS: frozenset[str] = frozenset(("cpu", "db", "pool"))
+SegmentKind = Literal["cpu", "db", "pool", "loop"]
+SEGMENT_KINDS: frozenset[str] = frozenset(("cpu", "db", "pool", "loop"))
 
 
 class RecordError(ValueError):
@@ -65,6 +66,51 @@ class Meta:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BlockedBy:
+    """What held the event loop longest while a request waited for it.
+
+    ``id``, ``method`` and ``route`` name the request whose step it was; all three are
+    None when no request owned it (a background task, a callback, a step after its
+    request ended). ``held_ms`` is how much of the request's loop wait it covered,
+    ``cpu_ms`` the CPU time of that step (far below its length: blocked, not computing).
+    """
+
+    id: str | None
+    method: str | None
+    route: str | None
+    held_ms: float
+    cpu_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "method": self.method,
+            "route": self.route,
+            "held_ms": self.held_ms,
+            "cpu_ms": self.cpu_ms,
+        }
+
+    def to_json(self) -> str:
+        return (
+            f'{{"id":{_opt_json(self.id)},"method":{_opt_json(self.method)},'
+            f'"route":{_opt_json(self.route)},"held_ms":{self.held_ms!r},'
+            f'"cpu_ms":{self.cpu_ms!r}}}'
+        )
+
+    @classmethod
+    def from_dict(cls, d: Any) -> BlockedBy:
+        if not isinstance(d, dict):
+            raise RecordError(f"field 'blocked_by' must be an object, not {type(d).__name__}.")
+        return cls(
+            id=_opt_str(d, "id"),
+            method=_opt_str(d, "method"),
+            route=_opt_str(d, "route"),
+            held_ms=_ms(d, "held_ms"),
+            cpu_ms=_ms(d, "cpu_ms"),
+        )
+
+
 @dataclass(slots=True)
 class RequestRecord:
     """What loopwatch measured for one HTTP request. Times are milliseconds.
@@ -89,6 +135,8 @@ class RequestRecord:
     segments: tuple[tuple[str, float, float], ...] = ()
     error: str | None = None
     segments_dropped: int = 0
+    loop_wait_ms: float = 0.0
+    blocked_by: BlockedBy | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -104,6 +152,7 @@ class RequestRecord:
             "cpu_ms": self.cpu_ms,
             "db_ms": self.db_ms,
             "pool_wait_ms": self.pool_wait_ms,
+            "loop_wait_ms": self.loop_wait_ms,
             "db_queries": self.db_queries,
             "rss_bytes": self.rss_bytes,
             "segments": [list(s) for s in self.segments],
@@ -112,6 +161,8 @@ class RequestRecord:
             d["error"] = self.error
         if self.segments_dropped:
             d["segments_dropped"] = self.segments_dropped
+        if self.blocked_by is not None:
+            d["blocked_by"] = self.blocked_by.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -133,10 +184,13 @@ class RequestRecord:
             ",".join([f'["{k}",{a!r},{b!r}]' for k, a, b in self.segments]),
             self.error,
             self.segments_dropped,
+            self.loop_wait_ms,
+            self.blocked_by,
         )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RequestRecord:
+        blocked = d.get("blocked_by")
         return cls(
             id=_str(d, "id"),
             pid=_int(d, "pid"),
@@ -154,6 +208,8 @@ class RequestRecord:
             segments=_segments(d.get("segments", [])),
             error=_opt_str(d, "error"),
             segments_dropped=_count(d, "segments_dropped", 0),
+            loop_wait_ms=_ms(d, "loop_wait_ms") if "loop_wait_ms" in d else 0.0,
+            blocked_by=None if blocked is None else BlockedBy.from_dict(blocked),
         )
 
 
@@ -213,12 +269,120 @@ class ProcessSample:
         )
 
 
-Record = Meta | RequestRecord | ProcessSample
+Frame = tuple[str, int, str, bool]  # file, line, function, whether it is the project's
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    """One step that held the event loop longer than the stall threshold.
+
+    ``time`` is when it started (Unix s). ``duration_ms`` is the whole step, known when it
+    ended; ``cpu_ms`` the loop thread's CPU time over it: close to ``duration_ms`` when
+    the step computed, far below it when it was blocked (sleep, I/O, a lock): ``cause``
+    says which (``"cpu"`` or ``"blocked"``). ``id``, ``method`` and ``route`` name the
+    request whose step it was, all None when none was (a background task, a callback).
+    ``timed`` is False for work loopwatch does not time step by step (callbacks, tasks
+    outside requests): its start and duration come from the loop's lag probe, an upper
+    bound within one probe interval. ``stacks`` are the distinct stacks the watchdog took
+    while the step still ran (frames innermost last, code locations only); empty when it
+    ended before one could be taken.
+    """
+
+    time: float
+    pid: int
+    duration_ms: float
+    cpu_ms: float
+    id: str | None = None
+    method: str | None = None
+    route: str | None = None
+    stacks: tuple[tuple[Frame, ...], ...] = ()
+    timed: bool = True
+
+    @property
+    def cause(self) -> str:
+        return "cpu" if self.cpu_ms >= self.duration_ms / 2 else "blocked"
+
+    @property
+    def location(self) -> Frame | None:
+        """Where it blocked: the innermost project frame of the first stack (the
+        innermost frame when none is the project's)."""
+        if not self.stacks:
+            return None
+        stack = self.stacks[0]
+        for frame in reversed(stack):
+            if frame[3]:
+                return frame
+        return stack[-1] if stack else None
+
+    def to_dict(self) -> dict[str, Any]:
+        stacks = [[[f, n, fn, "project" if mine else "library"] for f, n, fn, mine in s]
+                  for s in self.stacks]  # fmt: skip
+        return {
+            "type": "stall",
+            "time": self.time,
+            "pid": self.pid,
+            "duration_ms": self.duration_ms,
+            "cpu_ms": self.cpu_ms,
+            "cause": self.cause,
+            "timed": self.timed,
+            "id": self.id,
+            "method": self.method,
+            "route": self.route,
+            "stack": stacks[0] if stacks else None,
+            "stacks": stacks[1:],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stall:
+        raw = [d["stack"]] if d.get("stack") is not None else []
+        more = d.get("stacks", [])
+        if not isinstance(more, list):
+            raise RecordError("field 'stacks' must be a list.")
+        timed = d.get("timed", True)
+        if not isinstance(timed, bool):
+            raise RecordError(f"field 'timed' must be true or false, not {timed!r}.")
+        return cls(
+            time=_float(d, "time"),
+            pid=_int(d, "pid"),
+            duration_ms=_ms(d, "duration_ms"),
+            cpu_ms=_ms(d, "cpu_ms"),
+            id=_opt_str(d, "id"),
+            method=_opt_str(d, "method"),
+            route=_opt_str(d, "route"),
+            stacks=tuple(_stack(s) for s in raw + more),
+            timed=timed,
+        )
+
+
+def _stack(raw: Any) -> tuple[Frame, ...]:
+    if not isinstance(raw, list):
+        raise RecordError("a stall's stack must be a list of frames.")
+    out = []
+    for f in raw:
+        if not (
+            isinstance(f, list)
+            and len(f) == 4
+            and isinstance(f[0], str)
+            and isinstance(f[1], int)
+            and not isinstance(f[1], bool)
+            and isinstance(f[2], str)
+            and f[3] in ("project", "library")
+        ):
+            raise RecordError(f"frame {f!r} is not [file, line, function, project|library].")
+        out.append((f[0], f[1], f[2], f[3] == "project"))
+    return tuple(out)
+
+
+Record = Meta | RequestRecord | ProcessSample | Stall
 
 _PARSERS: dict[str, Any] = {
     "meta": Meta.from_dict,
     "request": RequestRecord.from_dict,
     "process": ProcessSample.from_dict,
+    "stall": Stall.from_dict,
 }
 
 
@@ -259,6 +423,8 @@ def request_line(
     segments: str,
     error: str | None,
     segments_dropped: int,
+    loop_wait_ms: float,
+    blocked_by: BlockedBy | None,
 ) -> str:
     """A request line of the record file, formatted directly: the one place the line's
     layout is written (``segments`` comes already joined: ``["cpu",0.0,1.2],…``)."""
@@ -267,12 +433,15 @@ def request_line(
         tail += f',"error":{_esc(error)}'
     if segments_dropped:
         tail += f',"segments_dropped":{segments_dropped}'
+    if blocked_by is not None:
+        tail += f',"blocked_by":{blocked_by.to_json()}'
     return (
         f'{{"type":"request","id":{_esc(rid)},"pid":{pid},"start":{start!r},'
         f'"method":{_esc(method)},"path":{_esc(path)},'
         f'"route":{_opt_json(route)},"status":{_opt_json(status)},'
         f'"wall_ms":{wall_ms!r},"cpu_ms":{cpu_ms!r},"db_ms":{db_ms!r},'
-        f'"pool_wait_ms":{pool_wait_ms!r},"db_queries":{db_queries},'
+        f'"pool_wait_ms":{pool_wait_ms!r},"loop_wait_ms":{loop_wait_ms!r},'
+        f'"db_queries":{db_queries},'
         f'"rss_bytes":{_opt_json(rss_bytes)},"segments":[{segments}]{tail}}}'
     )
 
@@ -349,8 +518,10 @@ def _segments(raw: Any) -> tuple[tuple[str, float, float], ...]:
         raise RecordError("field 'segments' must be a list.")
     out = []
     for seg in raw:
-        if not (isinstance(seg, list) and len(seg) == 3 and seg[0] in SEGMENT_KINDS):
+        if not (isinstance(seg, list) and len(seg) == 3 and isinstance(seg[0], str)):
             raise RecordError(f"segment {seg!r} is not [kind, start_ms, end_ms].")
+        if seg[0] not in SEGMENT_KINDS:
+            continue  # a kind a later loopwatch writes: ignored, as unknown fields are
         start, end = _number(seg[1], "segments"), _number(seg[2], "segments")
         if not 0.0 <= start <= end <= _MAX_MS:
             raise RecordError(f"segment {seg!r} does not run forwards from the request start.")

@@ -21,6 +21,8 @@ import psutil
 
 from .. import _failures
 from ..record import ProcessSample
+from .loop import monitor
+from .watchdog import Watchdog
 
 ProcessSink = Callable[[ProcessSample], None]
 
@@ -65,11 +67,32 @@ class ProcessState:
             self._thread = threading.Thread(target=self._run, name="loopwatch-sampler", daemon=True)
             self._thread.start()
 
-    def start_lag_probe(self, loop: asyncio.AbstractEventLoop, interval: float = 0.1) -> None:
+    def start_watching(
+        self, loop: asyncio.AbstractEventLoop, sample_interval: float, stall_threshold: float
+    ) -> None:
+        """Once per process, on the loop thread: the sampler, the lag probe and the stall
+        watchdog. The intervals (s) are the first caller's."""
+        if self.loop_thread is not None:
+            return
+        self.loop_thread = threading.get_ident()
+        self.ensure_sampler(sample_interval)
+        dog = Watchdog(self.loop_thread, stall_threshold, self.sinks)
+        monitor.watchdog = dog
+        self.start_lag_probe(loop, dog.probe_interval, dog.probed)
+
+    def start_lag_probe(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        interval: float = 0.1,
+        alive: Callable[[], None] | None = None,
+    ) -> None:
         """Measure how late the loop runs a callback scheduled ``interval`` ahead: the
-        scheduling lag every request on it suffers (any loop: no private hook)."""
+        scheduling lag every request on it suffers (any loop: no private hook). Each run
+        calls ``alive``: the watchdog's sign of life."""
 
         def probe(expected: float) -> None:
+            if alive is not None:
+                alive()
             now = loop.time()
             lag = max(0.0, now - expected)
             if lag > self._lag_max:
@@ -159,6 +182,7 @@ def _after_fork() -> None:
     sinks = state.sinks
     state.__init__()  # type: ignore[misc]
     state.sinks = sinks
+    monitor.__init__()  # type: ignore[misc]
     _failures.reset()
 
 

@@ -35,6 +35,7 @@ class StepTimer(Coroutine[Any, Any, Any]):
             return self._coro.send(value)
         trace.step_w0 = w0 = perf_counter_ns()
         trace.step_c0 = c0 = thread_time_ns()
+        trace.begin_step(w0, c0)
         try:
             return self._coro.send(value)
         finally:
@@ -63,6 +64,7 @@ class StepTimer(Coroutine[Any, Any, Any]):
             return self._coro.throw(exc)
         trace.step_w0 = w0 = perf_counter_ns()
         trace.step_c0 = c0 = thread_time_ns()
+        trace.begin_step(w0, c0)
         try:
             return self._coro.throw(exc)
         finally:

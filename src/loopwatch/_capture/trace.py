@@ -11,7 +11,8 @@ from contextvars import ContextVar
 from time import perf_counter_ns, thread_time_ns
 from typing import Any
 
-from ..record import RequestRecord, request_line
+from ..record import BlockedBy, RequestRecord, request_line
+from .loop import BLOCKED_NS, LONG_NS, MIN_WAIT_NS, Held, monitor
 
 current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
 
@@ -31,6 +32,9 @@ class Trace:
     """One request's measurements. Mutated only on the loop thread until it is closed."""
 
     __slots__ = (
+        "blocked_by",
+        "blocked_ns",
+        "blocker",
         "cpu",
         "cpu_ns",
         "db",
@@ -38,6 +42,9 @@ class Trace:
         "end_ns",
         "error",
         "id_prefix",
+        "last_w1",
+        "loop",
+        "loop_ns",
         "method",
         "open",
         "otel",
@@ -45,8 +52,10 @@ class Trace:
         "pid",
         "pool",
         "queries",
+        "root_path",
         "route",
         "rss",
+        "scope",
         "seq",
         "start_ns",
         "start_unix",
@@ -55,7 +64,7 @@ class Trace:
         "step_w0",
     )
 
-    # Set when the request ends.
+    # Set when the request starts (id) or ends (the rest).
     route: str | None
     error: str | None
     rss: int | None
@@ -63,6 +72,8 @@ class Trace:
     seq: int
     pid: int
     end_ns: int
+    scope: Any  # the ASGI scope and its root_path at entry, to name this request's route
+    root_path: str  # when it held the loop while another request waited
 
     def __init__(self, start_unix: float, start_ns: int, method: str, path: str) -> None:
         self.start_unix = start_unix
@@ -82,18 +93,52 @@ class Trace:
         # Wall clock at the start of the running (or last) step: a new value means the
         # request was suspended in between.
         self.step_w0 = start_ns
+        # Wall clock at the end of the last step: the request is suspended since then.
+        self.last_w1 = start_ns
+        self.loop_ns = 0
+        # The long step that held the loop longest while this request waited, and how
+        # long it overlapped the wait (only once a wait reached loop.BLOCKED_NS).
+        self.blocker: Held | None = None
+        self.blocked_ns = 0
+        self.blocked_by: BlockedBy | None = None  # the blocker, named when the request ends
         self.queries = 0
         self.dropped = 0
         # Flat [start, end, start, end, ...] perf_counter_ns intervals.
         self.cpu: list[int] = []
         self.db: list[int] = []
         self.pool: list[int] = []
+        self.loop: list[int] = []
+
+    def begin_step(self, w0: int, c0: int) -> None:
+        """A step of this request starts at ``w0``/``c0``: account the loop wait before it."""
+        m = monitor
+        m.gap(w0, c0)
+        m.run_w0 = w0
+        m.run_trace = self
+        busy = m.busy_w0
+        lw0 = self.last_w1 if self.last_w1 > busy else busy
+        if w0 - lw0 < MIN_WAIT_NS:
+            return
+        self.loop_ns += w0 - lw0
+        self.add(self.loop, lw0, w0)
+        if w0 - lw0 >= BLOCKED_NS:
+            held, overlap = m.holder(lw0, w0)
+            if overlap > self.blocked_ns:
+                self.blocker, self.blocked_ns = held, overlap
 
     def end_step(self, c0: int, w0: int) -> None:
         """Close the step begun at ``c0``/``w0`` (thread CPU and wall clock)."""
         w1 = perf_counter_ns()
-        self.cpu_ns += thread_time_ns() - c0
+        c1 = thread_time_ns()
+        self.cpu_ns += c1 - c0
         self.step_c0 = IDLE
+        self.last_w1 = w1
+        m = monitor
+        m.last_w1 = w1
+        m.last_c1 = c1
+        m.run_w0 = 0
+        if w1 - w0 >= LONG_NS:
+            m.long_step(w0, w1, c1 - c0, self)
         cpu = self.cpu
         if cpu and w0 - cpu[-1] < MERGE_GAP_NS:
             cpu[-1] = w1
@@ -122,15 +167,21 @@ class Trace:
         self.end_ns = perf_counter_ns()
 
     def spans(self) -> tuple[int, int, list[tuple[int, str, int]]]:
-        """DB time, pool wait (ns, unions) and every interval as ``(start, kind, end)`` in
-        ns, sorted: the one computation behind both :meth:`to_record` and :meth:`to_json`."""
+        """DB time, pool wait (ns, unions, loop wait taken out) and every interval as
+        ``(start, kind, end)`` in ns, sorted: the one computation behind both
+        :meth:`to_record` and :meth:`to_json`."""
         cpu = self.cpu
         spans = [(cpu[i], "cpu", cpu[i + 1]) for i in range(0, len(cpu), 2)]
         db_ns = pool_ns = 0
-        if self.db or self.pool:
+        loop = self.loop
+        if self.db or self.pool or loop:
             start, end = self.start_ns, self.end_ns
-            db_ns = _union(self.db, start, end, "db", spans)
-            pool_ns = _union(self.pool, start, end, "pool", spans)
+            # Loop waits are disjoint and in time order (each starts after the request's
+            # previous step); the part of a db or pool interval inside one is loop wait.
+            holes = list(zip(loop[::2], loop[1::2], strict=True))
+            spans.extend((a, "loop", b) for a, b in holes)
+            db_ns = _union(self.db, start, end, "db", spans, holes)
+            pool_ns = _union(self.pool, start, end, "pool", spans, holes)
             spans.sort()
         return db_ns, pool_ns, spans
 
@@ -155,6 +206,8 @@ class Trace:
             tuple((k, _ms(a - start), _ms(b - start)) for a, k, b in spans),
             self.error,
             self.dropped,
+            _ms(self.loop_ns),
+            self.blocked_by,
         )
 
     def to_json(self) -> str:
@@ -185,6 +238,8 @@ class Trace:
             segments,
             self.error,
             self.dropped,
+            _ms(self.loop_ns),
+            self.blocked_by,
         )
 
 
@@ -194,16 +249,18 @@ def _ms(ns: int) -> float:
 
 
 def _union(
-    flat: list[int], start: int, end: int, kind: str, out: list[tuple[int, str, int]]
+    flat: list[int],
+    start: int,
+    end: int,
+    kind: str,
+    out: list[tuple[int, str, int]],
+    holes: list[tuple[int, int]],
 ) -> int:
     """Merge overlapping intervals (two queries in ``gather`` count once), clipped to
-    ``start``-``end``; append them to ``out`` and return their total length."""
+    ``start``-``end``, less ``holes``; append them to ``out`` and return their length."""
     if len(flat) == 2:  # the common case: one query, or one acquire
         a, b = max(flat[0], start), min(flat[1], end)
-        if b <= a:
-            return 0
-        out.append((a, kind, b))
-        return b - a
+        return _emit(a, b, kind, out, holes) if b > a else 0
     total = 0
     cur_a = cur_b = -1
     for a, b in sorted(zip(flat[::2], flat[1::2], strict=True)):
@@ -214,10 +271,28 @@ def _union(
             cur_b = max(cur_b, b)
             continue
         if cur_b > cur_a:
-            out.append((cur_a, kind, cur_b))
-            total += cur_b - cur_a
+            total += _emit(cur_a, cur_b, kind, out, holes)
         cur_a, cur_b = a, b
     if cur_b > cur_a:
-        out.append((cur_a, kind, cur_b))
-        total += cur_b - cur_a
+        total += _emit(cur_a, cur_b, kind, out, holes)
     return total
+
+
+def _emit(
+    a: int, b: int, kind: str, out: list[tuple[int, str, int]], holes: list[tuple[int, int]]
+) -> int:
+    """Append ``a``-``b`` less the (sorted, disjoint) ``holes`` to ``out``; its length."""
+    total = 0
+    for h0, h1 in holes:
+        if h1 <= a:
+            continue
+        if h0 >= b:
+            break
+        if h0 > a:
+            out.append((a, kind, h0))
+            total += h0 - a
+        a = max(a, h1)
+        if a >= b:
+            return total
+    out.append((a, kind, b))
+    return total + b - a

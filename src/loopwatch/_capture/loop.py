@@ -1,0 +1,120 @@
+"""What the event loop was doing between a request's steps: busy stretches and who held it.
+
+Loop wait is time a request could have continued but the loop was running something
+else. When a request resumes, the reply (or connection, or timer) it waited for arrived
+at some moment loopwatch cannot see from user space on every loop. What it can see is
+when the loop cannot have been idle: during every step it times, and between two timed
+steps when the loop thread stayed on the CPU all along (its thread CPU clock advanced as
+much as the wall clock). A loop that is idle sits in ``epoll_wait``, off the CPU. So:
+
+- the *busy stretch* before a resume starts at the end of the last gap between timed
+  steps in which the loop thread was off the CPU for more than ``IDLE_NS``;
+- a reply that had arrived before that moment would have ended the idleness, so it
+  arrived after it, and the request's loop wait is at most the part of its suspension
+  that lies in the busy stretch: ``resume - max(suspended, busy stretch start)``.
+
+This is an upper bound, tight when one long step held the loop (the case that matters),
+loose by at most the true awaited time when many short steps keep the loop busy without
+a break. Everything here runs on the loop thread, in the step timer, and costs a few
+attribute reads and writes per step; long steps (``LONG_NS`` and more) are kept in a
+small ring to name who held the loop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from .. import _failures
+
+# Off the CPU for longer than this between two timed steps: the loop may have been idle.
+# Below it: preemption by another thread or the loop's own syscalls, not idleness.
+IDLE_NS = 200_000
+# Steps at least this long are remembered, to name who held the loop.
+LONG_NS = 1_000_000
+# A request whose loop wait reaches this names the step that held the loop longest.
+BLOCKED_NS = 5_000_000
+# Loop waits shorter than this are the loop's own cost of resuming a task: not counted.
+MIN_WAIT_NS = 50_000
+RING = 256
+
+
+class Held:
+    """A long stretch the loop spent on one thing: a timed step (``trace`` is its request,
+    or None for a step after its request ended) or untimed work (``trace`` None)."""
+
+    __slots__ = ("cpu_ns", "end", "start", "trace")
+
+    def __init__(self, start: int, end: int, cpu_ns: int, trace: Any) -> None:
+        self.start = start
+        self.end = end
+        self.cpu_ns = cpu_ns
+        self.trace = trace
+
+
+class LoopMonitor:
+    """Process-wide: one event loop thread per process is what servers run."""
+
+    __slots__ = (
+        "busy_w0",
+        "held",
+        "last_c1",
+        "last_w1",
+        "run_trace",
+        "run_w0",
+        "unseen_w0",
+        "watchdog",
+    )
+
+    def __init__(self) -> None:
+        self.busy_w0 = 0  # perf_counter_ns at the start of the current busy stretch
+        self.last_w1 = 0  # wall and thread CPU clocks at the end of the last timed step
+        self.last_c1 = 0
+        self.run_w0 = 0  # start of the timed step running now; 0 when none runs
+        self.run_trace: Any = None  # its trace
+        # Set by the watchdog: the loop has been stuck since then in work no step timer
+        # sees (a callback, a task outside requests), so that gap was not idleness.
+        self.unseen_w0 = 0
+        self.held: deque[Held] = deque(maxlen=RING)
+        self.watchdog: Any = None  # the process's Watchdog, once started
+
+    def long_step(self, w0: int, w1: int, cpu_ns: int, trace: Any) -> None:
+        """A timed step of ``trace`` held the loop from ``w0`` to ``w1`` (LONG_NS or more)."""
+        held = Held(w0, w1, cpu_ns, trace)
+        self.held.append(held)
+        dog = self.watchdog
+        if dog is not None and w1 - w0 >= dog.threshold_ns:
+            try:
+                dog.step_stalled(held)
+            except Exception as exc:
+                _failures.failed("recording a stall", exc)
+
+    def gap(self, w0: int, c0: int) -> None:
+        """A timed step starts at ``w0``/``c0``: was the loop idle since the last one?"""
+        last_w1 = self.last_w1
+        off = (w0 - last_w1) - (c0 - self.last_c1)
+        if off > IDLE_NS or off < -IDLE_NS:  # (negative: another thread's clock)
+            unseen = self.unseen_w0
+            if unseen and unseen >= last_w1:
+                self.busy_w0 = unseen  # stuck, not idle: see watchdog
+                self.held.append(Held(unseen, w0, c0 - self.last_c1, None))
+                self.unseen_w0 = 0
+            else:
+                self.busy_w0 = w0
+        elif w0 - last_w1 >= LONG_NS and last_w1:
+            # Untimed work held the loop, on the CPU: a callback, a task outside requests.
+            self.held.append(Held(last_w1, w0, c0 - self.last_c1, None))
+
+    def holder(self, start: int, end: int) -> tuple[Held | None, int]:
+        """The long stretch that overlaps ``start``-``end`` most, and by how much (ns)."""
+        best, most = None, 0
+        for h in reversed(list(self.held)):  # list(): a snapshot, whatever other threads do
+            if h.end <= start:
+                break
+            overlap = min(h.end, end) - max(h.start, start)
+            if overlap > most:
+                best, most = h, overlap
+        return best, most
+
+
+monitor = LoopMonitor()
