@@ -297,10 +297,15 @@ class Stall:
     route: str | None = None
     stacks: tuple[tuple[Frame, ...], ...] = ()
     timed: bool = True
+    # "cpu" for a step that computed, "blocked" for one that slept, waited for I/O or a
+    # lock. The watchdog says which from the thread's state while it stalled (on a busy
+    # machine a computing thread also waits to run); else it follows the CPU share.
+    cause: str = ""
 
-    @property
-    def cause(self) -> str:
-        return "cpu" if self.cpu_ms >= self.duration_ms / 2 else "blocked"
+    def __post_init__(self) -> None:
+        if not self.cause:
+            share = "cpu" if self.cpu_ms >= self.duration_ms / 2 else "blocked"
+            object.__setattr__(self, "cause", share)
 
     @property
     def location(self) -> Frame | None:
@@ -354,7 +359,16 @@ class Stall:
             route=_opt_str(d, "route"),
             stacks=tuple(_stack(s) for s in raw + more),
             timed=timed,
+            cause=_cause(d.get("cause")),
         )
+
+
+def _cause(v: Any) -> str:
+    if v is None:
+        return ""
+    if v not in ("cpu", "blocked"):
+        raise RecordError(f'field \'cause\' must be "cpu" or "blocked", not {v!r}.')
+    return str(v)
 
 
 def _stack(raw: Any) -> tuple[Frame, ...]:

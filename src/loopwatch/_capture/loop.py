@@ -8,7 +8,10 @@ steps when the loop thread stayed on the CPU all along (its thread CPU clock adv
 much as the wall clock). A loop that is idle sits in ``epoll_wait``, off the CPU. So:
 
 - the *busy stretch* before a resume starts at the end of the last gap between timed
-  steps in which the loop thread was off the CPU for more than ``IDLE_NS``;
+  steps in which the loop thread was off the CPU for more than ``IDLE_NS`` *and* went to
+  sleep of its own accord (a voluntary context switch, as ``epoll_wait`` makes). Off
+  the CPU without one, it was preempted by another process: busy all the same, only
+  slower (on a shared machine the loop thread loses the CPU for milliseconds at a time);
 - a reply that had arrived before that moment would have ended the idleness, so it
   arrived after it, and the request's loop wait is at most the part of its suspension
   that lies in the busy stretch: ``resume - max(suspended, busy stretch start)``.
@@ -22,6 +25,7 @@ small ring to name who held the loop.
 
 from __future__ import annotations
 
+import resource
 from collections import deque
 from typing import Any
 
@@ -29,7 +33,7 @@ from .. import _failures
 
 # Off the CPU for longer than this between two timed steps: the loop may have been idle.
 # Below it: preemption by another thread or the loop's own syscalls, not idleness.
-IDLE_NS = 200_000
+IDLE_NS = 500_000
 # Steps at least this long are remembered, to name who held the loop.
 LONG_NS = 1_000_000
 # A request whose loop wait reaches this names the step that held the loop longest.
@@ -37,6 +41,16 @@ BLOCKED_NS = 5_000_000
 # Loop waits shorter than this are the loop's own cost of resuming a task: not counted.
 MIN_WAIT_NS = 50_000
 RING = 256
+
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)  # Linux
+
+
+def voluntary_switches() -> int:
+    """The loop thread's voluntary context switches so far (-1 where unknown, every
+    time: then every gap off the CPU counts as possibly idle)."""
+    if _RUSAGE_THREAD is None:
+        return -1
+    return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
 class Held:
@@ -62,6 +76,7 @@ class LoopMonitor:
         "last_w1",
         "run_trace",
         "run_w0",
+        "slept",
         "unseen_w0",
         "watchdog",
     )
@@ -70,6 +85,9 @@ class LoopMonitor:
         self.busy_w0 = 0  # perf_counter_ns at the start of the current busy stretch
         self.last_w1 = 0  # wall and thread CPU clocks at the end of the last timed step
         self.last_c1 = 0
+        # Voluntary context switches at the last look (a gap off the CPU, a long step's
+        # end): unchanged since, the loop thread has not slept of its own accord.
+        self.slept = -1
         self.run_w0 = 0  # start of the timed step running now; 0 when none runs
         self.run_trace: Any = None  # its trace
         # Set by the watchdog: the loop has been stuck since then in work no step timer
@@ -82,6 +100,7 @@ class LoopMonitor:
         """A timed step of ``trace`` held the loop from ``w0`` to ``w1`` (LONG_NS or more)."""
         held = Held(w0, w1, cpu_ns, trace)
         self.held.append(held)
+        self.slept = voluntary_switches()  # a blocking step's own sleep is not idleness
         dog = self.watchdog
         if dog is not None and w1 - w0 >= dog.threshold_ns:
             try:
@@ -94,6 +113,10 @@ class LoopMonitor:
         last_w1 = self.last_w1
         off = (w0 - last_w1) - (c0 - self.last_c1)
         if off > IDLE_NS or off < -IDLE_NS:  # (negative: another thread's clock)
+            slept = voluntary_switches()
+            if slept == self.slept and slept >= 0 and off > 0:
+                return  # preempted, not idle: the busy stretch goes on
+            self.slept = slept
             unseen = self.unseen_w0
             if unseen and unseen >= last_w1:
                 self.busy_w0 = unseen  # stuck, not idle: see watchdog

@@ -108,14 +108,17 @@ class Watchdog:
     def __init__(self, loop_thread: int, threshold_s: float, sinks: list[Any]) -> None:
         _find_loop_dirs()  # the server has imported its loop by now
         self.loop_thread = loop_thread
+        self._stat_path = f"/proc/self/task/{threading.get_native_id()}/stat"
         self.threshold_ns = int(threshold_s * 1e9)
         self.sinks = sinks
         self.probe_w = 0  # perf_counter_ns and loop thread CPU at the probe's last run
         self.probe_c = 0
         self.probe_interval = min(0.1, max(0.01, threshold_s / 4))
-        # (step start, [stacks]) of the timed step sampled last: the loop thread takes it
-        # when that step ends.
-        self.samples: tuple[int, list[tuple[Frame, ...]]] = (0, [])
+        self.stuck = False  # an untimed stall is being watched
+        self.revived = 0
+        # (step start, [stacks], [looks, running]) of the timed step sampled last: the
+        # loop thread takes it when that step ends.
+        self.samples: tuple[int, list[tuple[Frame, ...]], list[int]] = (0, [], [0, 0])
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._thread.start()
 
@@ -123,14 +126,18 @@ class Watchdog:
 
     def probed(self) -> None:
         """The lag probe ran: a sign of life of the loop."""
-        self.probe_w = perf_counter_ns()
+        self.probe_w = w = perf_counter_ns()
         self.probe_c = time.thread_time_ns()
+        if self.stuck and not self.revived:
+            self.revived = w  # the first sign of life after an untimed stall
 
     def step_stalled(self, held: Held) -> None:
         """A timed step of ``held.trace`` ran past the threshold: write its stall line."""
         w0 = held.start
         start_s = time.time() - (perf_counter_ns() - w0) / 1e9
-        s_w0, stacks = self.samples
+        s_w0, stacks, looks = self.samples
+        if s_w0 != w0:
+            stacks, looks = [], [0, -1]
         trace = held.trace
         ident = method = route = None
         if trace is not None:
@@ -147,7 +154,8 @@ class Watchdog:
             id=ident,
             method=method,
             route=route,
-            stacks=tuple(stacks) if s_w0 == w0 else (),
+            stacks=tuple(stacks),
+            cause=_cause(looks, held.cpu_ns, held.end - w0),
         )
         self._emit(stall, trace)
 
@@ -191,15 +199,28 @@ class Watchdog:
         frame = sys._current_frames().get(self.loop_thread)
         return stack_of(frame) if frame is not None else ()
 
+    def _running(self) -> int:
+        """1 if the loop thread is running or runnable, 0 if asleep, -1 if not known."""
+        try:
+            with open(self._stat_path, "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return -1
+        return 1 if state == b"R" else 0
+
     def _sample_step(self, w0: int) -> None:
         stack = self._stack()
+        running = self._running()
         if monitor.run_w0 != w0 or not stack:  # it ended meanwhile
             return
-        s_w0, stacks = self.samples
+        s_w0, stacks, looks = self.samples
         if s_w0 != w0:
-            self.samples = (w0, [stack])
-        elif stack not in stacks and len(stacks) < MAX_STACKS:
+            self.samples = (w0, [stack], [1, running])
+            return
+        if stack not in stacks and len(stacks) < MAX_STACKS:
             stacks.append(stack)
+        looks[0] += 1
+        looks[1] = -1 if running < 0 or looks[1] < 0 else looks[1] + running
 
     def _detect_unseen(self, last: int, now: int) -> list[Any]:
         stack = self._stack()
@@ -208,6 +229,7 @@ class Watchdog:
             return []  # idle, or it moved on
         start_c = self.probe_c if self.probe_w >= m.last_w1 else m.last_c1
         m.unseen_w0 = last  # the step timer's idle test: this gap was not idleness
+        self.revived, self.stuck = 0, True
         return [last, start_c, now, [stack]]
 
     def _sample_unseen(self, unseen: list[Any]) -> None:
@@ -223,7 +245,8 @@ class Watchdog:
     def _end_unseen(self, unseen: list[Any]) -> None:
         m = monitor
         start_w, start_c, _, stacks = unseen
-        ends = [t for t in (m.run_w0, m.last_w1, self.probe_w) if t > start_w]
+        self.stuck = False
+        ends = [t for t in (self.revived, m.run_w0, m.last_w1, self.probe_w) if t > start_w]
         end_w = min(ends) if ends else perf_counter_ns()
         cpu = _thread_cpu_ns(self.loop_thread)
         cpu_ns = 0 if cpu is None else min(max(cpu - start_c, 0), end_w - start_w)
@@ -249,6 +272,16 @@ class Watchdog:
                 listener(stall, trace)
             except Exception as exc:
                 _failures.failed("stall listener", exc)
+
+
+def _cause(looks: list[int], cpu_ns: int, wall_ns: int) -> str:
+    """From the watchdog's looks at the thread (looks, of them running or runnable) when it
+    could tell; a thread that was on the CPU for a third of the step and never seen
+    asleep computed (the rest it waited to run on a busy machine)."""
+    n, running = looks
+    if n > 0 and running >= 0:
+        return "cpu" if 2 * running >= n and 3 * cpu_ns >= wall_ns else "blocked"
+    return ""
 
 
 # Called with (stall, trace or None) for every stall: OpenTelemetry's span event and
