@@ -184,5 +184,8 @@ def test_low_load_has_no_stalls_and_next_to_no_loop_wait(
     # queries queue behind it for real: the bounds leave room for that.
     assert total_loop <= 0.05 * total_wall, (total_loop, total_wall)
     for r in requests:
-        assert r["db_ms"] >= 50, r  # the query's pg_sleep is the database's
+        # The query's pg_sleep is the database's: db_ms is a lower bound, loose by the
+        # busy stretch the reply arrived in.
+        assert r["db_ms"] + r["loop_wait_ms"] >= 50, r
+        assert r["db_ms"] >= 45, r
         assert r["loop_wait_ms"] <= 10, r
