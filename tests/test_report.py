@@ -17,14 +17,17 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import loopwatch
+from loopwatch.cli.main import render
 from loopwatch.export import writer as _writer
-from loopwatch.record import Meta, ProcessSample, RequestRecord
+from loopwatch.record import Meta, ProcessSample, RequestRecord, Stall
 from loopwatch.report import (
     Report,
     ReportError,
     ReportOptions,
     build_report,
     render_capacity,
+    render_diagnosis,
+    render_loop,
     render_routes,
     render_summary,
 )
@@ -49,8 +52,10 @@ def req(
     path: str = "/items/1",
     rss: int | None = None,
     n: int = 0,
+    loop_wait_ms: float = 0.0,
+    segments: tuple[tuple[str, float, float], ...] | None = None,
 ) -> RequestRecord:
-    """A request starting ``at`` seconds after T0, with one CPU segment."""
+    """A request starting ``at`` seconds after T0, with one CPU segment (or ``segments``)."""
     return RequestRecord(
         id=f"p{pid}-{n}-{at}",
         pid=pid,
@@ -65,8 +70,9 @@ def req(
         pool_wait_ms=pool_wait_ms,
         db_queries=1,
         rss_bytes=rss,
-        segments=(("cpu", 0.0, min(wall_ms, cpu_ms)),),
+        segments=(("cpu", 0.0, min(wall_ms, cpu_ms)),) if segments is None else segments,
         error=error,
+        loop_wait_ms=loop_wait_ms,
     )
 
 
@@ -81,7 +87,7 @@ def meta(pid: int = 1, version: int = 1) -> str:
 
 
 def write(
-    path: Path, lines: Iterable[str | RequestRecord | ProcessSample], end: str = "\n"
+    path: Path, lines: Iterable[str | RequestRecord | ProcessSample | Stall], end: str = "\n"
 ) -> Path:
     texts = [x if isinstance(x, str) else x.to_json() for x in lines]
     path.write_text("\n".join(texts) + end, encoding="utf-8")
@@ -110,6 +116,8 @@ def everything(report: Report, width: int = 100, color: bool = False) -> str:
             render_summary(report, width, color=color),
             render_routes(report, width, color=color),
             render_capacity(report, width, color=color),
+            render_loop(report, width, color=color),
+            render_diagnosis(report, width, color=color),
             json.dumps(report.to_json()),
             *report.problems,
         ]
@@ -349,9 +357,9 @@ def test_renderers_respect_the_width(tmp_path: Path, width: int) -> None:
     ]
     path = write(tmp_path / "r.jsonl", [meta(), sample(1, 30 * MB, 10 * MB), *records])
     report = report_of(path)
-    for render in (render_summary, render_routes, render_capacity):
+    for part in (render_summary, render_routes, render_capacity, render_loop):
         for color in (False, True):
-            text = render(report, width, color=color)
+            text = part(report, width, color=color)
             plain = text.replace("\x1b[0m", "").replace("\x1b[1m", "")
             for code in ("31", "32", "33"):
                 plain = plain.replace(f"\x1b[{code}m", "")
@@ -610,3 +618,281 @@ async def test_a_real_starlette_app_recorded_by_loopwatch(tmp_path: Path) -> Non
     text = render_capacity(report, 100)
     assert "SYNC" in text
     assert "ASYNC" in text
+
+
+# --- the event loop -----------------------------------------------------------------------
+
+STACK = (
+    ("/srv/venv/lib/starlette/routing.py", 74, "app", False),
+    ("/srv/app.py", 42, "block", True),
+    ("/usr/lib/python3.12/socket.py", 9, "recv", False),
+)
+
+
+def stall(
+    at: float,
+    ms: float,
+    *,
+    cpu_ms: float = 2.0,
+    route: str | None = "/block",
+    pid: int = 1,
+    stack: tuple[tuple[str, int, str, bool], ...] | None = STACK,
+) -> Stall:
+    return Stall(
+        time=T0 + at,
+        pid=pid,
+        duration_ms=ms,
+        cpu_ms=cpu_ms,
+        id=None if route is None else "blocker",
+        method=None if route is None else "POST",
+        route=route,
+        stacks=() if stack is None else (stack,),
+    )
+
+
+def waiting(n: int, pid: int = 1) -> list[RequestRecord]:
+    """``n`` requests of /q at T0+1.01, each 1 ms of query then 100 ms waiting for the loop."""
+    segments = (("db", 0.0, 1.0), ("loop", 1.0, 101.0), ("cpu", 101.0, 102.0))
+    return [
+        req(1.01, 102.0, route="/q", db_ms=1.0, cpu_ms=1.0, loop_wait_ms=100.0,
+            segments=segments, n=i, pid=pid)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def blocked_loop(tmp_path: Path, *extra: str | RequestRecord | ProcessSample | Stall) -> Path:
+    """POST /block holds the loop 150 ms from T0+1.0 (a blocking call at /srv/app.py:42);
+    ten /q requests wait 100 ms each for it."""
+    blocker = req(1.0, 152.0, route="/block", cpu_ms=3.0, segments=(("cpu", 0.0, 152.0),))
+    busy = ProcessSample(
+        time=T0 + 1.2, pid=1, rss_bytes=None, uss_bytes=None, in_flight=0, loop_busy=0.05,
+        loop_lag_ms=148.0,
+    )  # fmt: skip
+    return write(
+        tmp_path / "blocked.jsonl", [meta(), blocker, *waiting(10), stall(1.0, 150.0), busy, *extra]
+    )
+
+
+def test_loop_wait_percentiles_beside_db(tmp_path: Path) -> None:
+    report = report_of(blocked_loop(tmp_path))
+    data = report.to_json()
+    assert data["loop_wait_ms"] == {"p50": 100.0, "p95": 100.0, "p99": 100.0, "max": 100.0}
+    assert "  loop wait    100.0ms  100.0ms  100.0ms  100.0ms" in render_summary(report, 100)
+    routes = {r["route"]: r for r in data["routes"]}
+    assert routes["/q"]["loop_wait_mean_ms"] == 100.0
+    assert render_routes(report, 100).splitlines()[1:3] == [
+        "  route   reqs      p50      p95     cpu      db  pool     loop  errors",
+        "  /q        10  102.0ms  102.0ms  1.00ms  1.00ms   0µs  100.0ms       0",
+    ]
+
+
+def test_older_files_without_loop_wait_read_as_zero(tmp_path: Path) -> None:
+    line = json.loads(req(0, 10).to_json())
+    del line["loop_wait_ms"]
+    data = report_of(write(tmp_path / "r.jsonl", [meta(), json.dumps(line)])).to_json()
+    assert data["loop_wait_ms"]["max"] == 0.0
+    assert data["loop"] == {
+        "utilization": None, "samples": 0, "lag_ms": None, "stall_count": 0, "stalls": []
+    }  # fmt: skip
+    assert data["diagnosis"] == []
+
+
+def test_loop_section_text(tmp_path: Path) -> None:
+    assert render_loop(report_of(blocked_loop(tmp_path)), 100) == (
+        "Loop\n"
+        "  Busy 5.0% of the time (loop thread CPU, 1 sample); lag p50 148.0ms, p99 148.0ms, max "
+        "148.0ms.\n"
+        "  1 stall, 150.0ms in total, by code location:\n"
+        "  - /srv/app.py:42 in block: 1 stall, 150.0ms, CPU 2.00ms (blocked), route /block; "
+        "delayed 10 other\n"
+        "    requests by 1.00s.\n"
+    )
+
+
+def test_loop_section_without_samples_or_stalls(tmp_path: Path) -> None:
+    assert render_loop(report_of(mixed(tmp_path)), 100) == (
+        "Loop\n"
+        "  Busy share and lag: not measured in this period.\n"
+        "  No stalls: no step held the loop long enough to be recorded.\n"
+    )
+
+
+def test_loop_json(tmp_path: Path) -> None:
+    loop = report_of(blocked_loop(tmp_path)).to_json()["loop"]
+    delayed = loop["stalls"][0].pop("delayed_ms")
+    assert delayed == pytest.approx(1000.0, abs=0.01)  # Unix-time resolution: sub-µs
+    assert loop == {
+        "utilization": 0.05,
+        "samples": 1,
+        "lag_ms": {"p50": 148.0, "p99": 148.0, "max": 148.0},
+        "stall_count": 1,
+        "stalls": [
+            {
+                "location": {
+                    "file": "/srv/app.py",
+                    "line": 42,
+                    "function": "block",
+                    "project": True,
+                },
+                "count": 1,
+                "total_ms": 150.0,
+                "max_ms": 150.0,
+                "cpu_ms": 2.0,
+                "cause": "blocked",
+                "routes": ["/block"],
+                "delayed_requests": 10,
+            }
+        ],
+    }
+
+
+BLOCKED_DIAGNOSIS = [
+    "The event loop, not the database or the pool, is where requests waited: 1.00s in total "
+    "(85% of wall time), against 10.0ms awaiting the database and 0µs waiting for a pool "
+    "connection.",
+    "Route /block held the loop once (150.0ms, blocked, not computing) at /srv/app.py:42 in "
+    "block: it delayed 10 other requests by 1.00s in total.",
+    "Fix: move the blocking call off the loop (`await loop.run_in_executor(None, fn)` or "
+    "`await anyio.to_thread.run_sync(fn)`), or use an async client for it.",
+    "A bigger connection pool would not help: the requests were not waiting for one.",
+]
+
+
+def test_a_blocked_loop_report_leads_with_the_diagnosis(tmp_path: Path) -> None:
+    report = report_of(blocked_loop(tmp_path))
+    assert report.diagnosis == BLOCKED_DIAGNOSIS
+    assert report.to_json()["diagnosis"] == BLOCKED_DIAGNOSIS
+    text = render(report, 100)
+    assert text.startswith(
+        "Diagnosis\n"
+        "  The event loop, not the database or the pool, is where requests waited: 1.00s in "
+        "total (85% of\n"
+        "    wall time), against 10.0ms awaiting the database and 0µs waiting for a pool "
+        "connection.\n"
+        "  Route /block held the loop once (150.0ms, blocked, not computing) at "
+        "/srv/app.py:42 in block: it\n"
+        "    delayed 10 other requests by 1.00s in total.\n"
+    )
+    assert text.index("Diagnosis") < text.index("busiest moment") < text.index("time ──▶")
+    assert "increase" not in text.lower()
+
+
+def test_a_cpu_bound_stall_outside_any_request_at_an_unknown_location(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "r.jsonl",
+        [meta(), *waiting(4), stall(1.0, 150.0, cpu_ms=149.0, route=None, stack=None)],
+    )
+    report = report_of(path)
+    assert report.diagnosis[1:3] == [
+        "Work outside any request (a background task or a callback) held the loop once "
+        "(150.0ms, computing) at an unknown location (it ended before a stack was taken): it "
+        "delayed 4 other requests by 400.0ms in total.",
+        "Fix: move the computation off the loop: into a thread (`anyio.to_thread.run_sync`) "
+        "when it releases the GIL (hashing, compression, NumPy), otherwise into a process pool "
+        "(`loop.run_in_executor(ProcessPoolExecutor(), fn)`).",
+    ]
+    assert "  - unknown location: 1 stall, 150.0ms, CPU 149.0ms (CPU-bound), no request; " in (
+        render_loop(report, 200)
+    )
+    group = report.to_json()["loop"]["stalls"][0]
+    assert (group["location"], group["routes"], group["cause"]) == (None, [None], "cpu")
+
+
+def test_stalls_are_grouped_by_location_worst_delay_first(tmp_path: Path) -> None:
+    elsewhere = (("/srv/jobs.py", 7, "crunch", True),)
+    path = blocked_loop(
+        tmp_path,
+        stall(1.12, 20.0, stack=elsewhere, route=None),  # after the /q requests' waits
+        stall(1.13, 30.0),  # the same line again
+        # waiting for the loop from before the first stall to after the last
+        req(0.9, 260.0, route="/slow", loop_wait_ms=250.0, segments=(("loop", 0, 250),), n=50),
+    )
+    stalls = report_of(path).to_json()["loop"]["stalls"]
+    assert [(s["location"]["file"], s["count"], s["total_ms"], s["max_ms"]) for s in stalls] == [
+        ("/srv/app.py", 2, 180.0, 150.0),
+        ("/srv/jobs.py", 1, 20.0, 20.0),
+    ]
+    assert stalls[0]["cpu_ms"] == 4.0
+    assert stalls[0]["routes"] == ["/block"]
+    assert (stalls[0]["delayed_requests"], stalls[1]["delayed_requests"]) == (11, 1)
+    assert stalls[1]["delayed_ms"] == pytest.approx(20.0, abs=0.01)
+
+
+def test_a_stall_delays_only_requests_of_its_own_process(tmp_path: Path) -> None:
+    lines = [meta(2), *waiting(3, pid=2), meta(1), *waiting(2), stall(1.0, 150.0)]
+    stalls = report_of(write(tmp_path / "r.jsonl", lines)).to_json()["loop"]["stalls"]
+    assert stalls[0]["delayed_requests"] == 2
+
+
+def test_route_filter_applies_to_stalls(tmp_path: Path) -> None:
+    only_q = report_of(blocked_loop(tmp_path), route="/q")
+    assert only_q.to_json()["loop"]["stalls"] == []
+    assert only_q.diagnosis[1] == (
+        "No stall of this route held it: run the report without --route to see what did."
+    )
+    only_block = report_of(blocked_loop(tmp_path), route="/block")
+    (group,) = only_block.to_json()["loop"]["stalls"]
+    assert group["delayed_requests"] == 10  # whatever route the delayed requests had
+    assert only_block.diagnosis[0] == (
+        "Steps that held the event loop delayed other requests by 1.00s in total."
+    )
+
+
+def test_time_filters_and_the_period_apply_to_stalls_and_samples(tmp_path: Path) -> None:
+    late = ProcessSample(
+        time=T0 + 60, pid=1, rss_bytes=None, uss_bytes=None, in_flight=0, loop_busy=1.0
+    )
+    path = blocked_loop(tmp_path, stall(30.0, 500.0), late)  # both after the last request
+    loop = report_of(path).to_json()["loop"]
+    assert (loop["stall_count"], loop["samples"], loop["utilization"]) == (1, 1, 0.05)
+    since = report_of(path, since=T0 + 1.005).to_json()["loop"]
+    assert since["stall_count"] == 0  # started before --since
+
+
+def test_a_healthy_recording_has_no_diagnosis(tmp_path: Path) -> None:
+    records = [req(i / 100, 40.0, cpu_ms=2.0, db_ms=35.0, loop_wait_ms=0.5, n=i) for i in range(50)]
+    report = report_of(record_file(tmp_path, records))
+    assert report.diagnosis == []
+    assert report.to_json()["diagnosis"] == []
+    assert render_diagnosis(report, 100) == ""
+    assert render(report, 100).startswith("busiest moment")
+
+
+def test_a_pool_bound_recording_says_so_without_blaming_the_loop(tmp_path: Path) -> None:
+    records = [
+        req(i / 100, 60.0, db_ms=20.0, pool_wait_ms=38.0, loop_wait_ms=1.0, n=i) for i in range(20)
+    ]
+    assert report_of(record_file(tmp_path, records)).diagnosis == [
+        "The connection pool is where requests waited: 760.0ms in total for a connection (63% "
+        "of wall time), against 20.0ms for the event loop.",
+        "Every connection was in use: a larger pool helps only if the database has capacity to "
+        "spare; otherwise make the queries fewer or shorter, or hold connections for less time.",
+    ]
+
+
+def test_a_saturated_loop_without_stalls(tmp_path: Path) -> None:
+    busy = ProcessSample(
+        time=T0 + 0.1, pid=1, rss_bytes=None, uss_bytes=None, in_flight=9, loop_busy=0.9
+    )
+    records = [req(i / 1000, 60.0, cpu_ms=5.0, db_ms=5.0, loop_wait_ms=50.0, n=i) for i in range(9)]
+    report = report_of(write(tmp_path / "r.jsonl", [meta(), *records, busy]))
+    assert report.diagnosis[1:] == [
+        "No single step held it long (no stalls recorded): the requests' own work kept it busy "
+        "90% of the time. Run more processes, or do less CPU work per request.",
+        "A bigger connection pool would not help: the requests were not waiting for one.",
+    ]
+
+
+def test_malformed_stall_lines_are_skipped_and_counted(tmp_path: Path) -> None:
+    bad_stack = json.loads(stall(1.0, 10.0).to_json())
+    bad_stack["stack"] = [["app.py", "42", "block", "project"]]
+    path = blocked_loop(
+        tmp_path, '{"type":"stall","time":"soon","pid":1}', json.dumps(bad_stack), '{"type":"stall"'
+    )
+    report = report_of(path)
+    assert report.skipped_lines == 3
+    assert report.problems == [
+        f"{path}: 3 malformed lines skipped (first at line 15: field 'time' must be a finite "
+        "number, not 'soon')",
+    ]
+    assert report.to_json()["loop"]["stall_count"] == 1

@@ -19,7 +19,8 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LEGEND = (
     "\n"
     "  █ CPU on the event loop   ░ awaiting the database\n"
-    "  ▒ waiting for a pool connection   · other waiting"
+    "  ▒ waiting for a pool connection\n"
+    "  ▓ waiting for the event loop   · other waiting"
 )
 
 
@@ -71,7 +72,7 @@ def test_staircase_of_concurrent_requests() -> None:
         "  Req 5:                        ██░░░░░░░░░░░░░░░░░░░░░██  GET /items/{id} 200  50.0ms\n"
         "\n"
         "  █ CPU on the event loop   ░ awaiting the database   ▒ waiting for a pool connection\n"
-        "  · other waiting"
+        "  ▓ waiting for the event loop   · other waiting"
     )
 
 
@@ -93,6 +94,26 @@ def test_pool_wait_is_medium_shade() -> None:
     assert out == (
         "  time ──▶  0ms       10ms      20ms\n"
         "  Req 1:    ██▒▒▒▒▒▒▒▒██░░░░░░██  GET / 200  20.0ms\n" + LEGEND
+    )
+
+
+def test_loop_wait_is_dark_shade_and_red() -> None:
+    row = one_row(("cpu", 0, 2), ("db", 2, 8), ("loop", 8, 14), ("cpu", 14, 20))
+    assert row == "  Req 1:    ██░░░░░░▓▓▓▓▓▓██████  GET / 200  20.0ms"
+    rec = req(0, 20, ("cpu", 0, 2), ("db", 2, 8), ("loop", 8, 14), ("cpu", 14, 20))
+    ascii_row = render_timeline([rec], 51, ascii=True).splitlines()[1]
+    assert ascii_row == "  Req 1:    ##......======######  GET / 200  20.0ms"
+    assert "\x1b[31m▓▓▓▓▓▓\x1b[0m" in render_timeline([rec], 51, color=True)
+
+
+def test_loop_wait_comes_right_after_cpu_in_precedence() -> None:
+    # loop over db and pool: loop; cpu over loop: cpu
+    assert one_row(("db", 0, 10), ("pool", 10, 20), ("loop", 5, 15), ("cpu", 12, 13)) == (
+        "  Req 1:    ░░░░░▓▓▓▓▓▓▓█▓▓▒▒▒▒▒  GET / 200  20.0ms"
+    )
+    # a column half loop, half db: the tie goes to loop
+    assert one_row(("loop", 0, 10.5), ("db", 10.5, 20)) == (
+        "  Req 1:    ▓▓▓▓▓▓▓▓▓▓▓░░░░░░░░░  GET / 200  20.0ms"
     )
 
 
@@ -147,6 +168,7 @@ def test_ascii_mode() -> None:
         "\n"
         "  # CPU on the event loop   . awaiting the database\n"
         "  % waiting for a pool connection\n"
+        "  = waiting for the event loop\n"
         "  (space) other waiting"
     )
 
@@ -225,6 +247,7 @@ def test_narrow_width_keeps_wall_time_and_drops_indent() -> None:
         "█ CPU on the event loop\n"
         "░ awaiting the database\n"
         "▒ waiting for a pool connecti…\n"
+        "▓ waiting for the event loop\n"
         "· other waiting"
     )
 
@@ -337,7 +360,8 @@ def test_render_bar_shortcut_agrees_with_the_general_renderer() -> None:
             if rng.random() < 0.3:
                 a = round(a / (wall / n)) * (wall / n) if wall else 0.0
             b = a + rng.choice([0.0, rng.uniform(0, wall * 0.3), wall / n, wall / (2 * n)])
-            segments.append((rng.choice(["cpu", "db", "pool", "cpu", "other"]), a, b))
+            kind = rng.choice(["cpu", "db", "pool", "cpu", "loop", "other"])
+            segments.append((kind, a, b))
         rec = req(0, wall, *segments)
         general = timeline._row_states(rec, 0.0, max(wall, 1e-3), n)
         assert render_bar(rec, n) == "".join(timeline._GLYPHS[s] for s in general), rec

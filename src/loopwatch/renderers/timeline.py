@@ -13,18 +13,24 @@ from ..record import RequestRecord
 from .text import clean, fmt_ms
 
 # Column states, in order of precedence: where segments overlap, or two states fill a
-# column equally, the lower index wins.
-CPU, POOL, DB, OTHER, IDLE = range(5)
-_KINDS = {"cpu": CPU, "pool": POOL, "db": DB}
+# column equally, the lower index wins. Loop wait comes right after CPU: a request the
+# loop could have resumed is not waiting on the pool or the database any more.
+CPU, LOOP, POOL, DB, OTHER, IDLE = range(6)
+_KINDS = {"cpu": CPU, "loop": LOOP, "pool": POOL, "db": DB}
+_IN_FLIGHT = 5  # the states a request is in while in flight: CPU to OTHER
 
-_GLYPHS = ("█", "▒", "░", "·", " ")
-_ASCII_GLYPHS = ("#", "%", ".", " ", " ")
-_COLORS = ("\x1b[1;33m", "\x1b[35m", "\x1b[34m", "\x1b[2m", "")
+# ▓ is the darkest shade short of █: the loop was running, but for someone else. In
+# ASCII, = is as dense as # at a glance without being mistaken for it.
+_GLYPHS = ("█", "▓", "▒", "░", "·", " ")
+_ASCII_GLYPHS = ("#", "=", "%", ".", " ", " ")
+# Loop wait is red: it is the state that means "something held the loop".
+_COLORS = ("\x1b[1;33m", "\x1b[31m", "\x1b[35m", "\x1b[34m", "\x1b[2m", "")
 _RESET = "\x1b[0m"
 _LEGEND = (
     (CPU, "CPU on the event loop"),
     (DB, "awaiting the database"),
     (POOL, "waiting for a pool connection"),
+    (LOOP, "waiting for the event loop"),
     (OTHER, "other waiting"),
 )
 
@@ -128,7 +134,7 @@ def _own_row_states(
     intervals, cpu_segs = _intervals(segments, wall)
     states = [IDLE] * n
     # The intervals come in time order: weigh one meeting column at a time.
-    cur, times = -1, [0.0, 0.0, 0.0, 0.0]
+    cur, times = -1, [0.0] * _IN_FLIGHT
     for k, a, b in intervals:
         c0, c1 = int(a / col), int(b / col)
         if c1 >= n:
@@ -138,7 +144,7 @@ def _own_row_states(
         if c0 != cur:
             if cur >= 0 and not _settle(states, cur, times, col):
                 return None
-            cur, times = c0, [0.0, 0.0, 0.0, 0.0]
+            cur, times = c0, [0.0] * _IN_FLIGHT
         if c0 == c1:
             times[k] += b - a
             continue
@@ -147,7 +153,7 @@ def _own_row_states(
             return None
         if c1 > c0 + 1:
             states[c0 + 1 : c1] = [k] * (c1 - c0 - 1)
-        cur, times = c1, [0.0, 0.0, 0.0, 0.0]
+        cur, times = c1, [0.0] * _IN_FLIGHT
         times[k] = b - c1 * col
     if cur >= 0 and not _settle(states, cur, times, col):
         return None
@@ -173,15 +179,17 @@ def _own_row_states(
 def _settle(states: list[int], c: int, times: list[float], col: float) -> bool:
     """Give column ``c`` the state it spent most time in, as :func:`_row_states` does;
     False if the column is not covered."""
-    cpu, pool, db, other = times
+    cpu, loop, pool, db, other = times
     best, s = cpu, CPU
+    if loop > best:
+        best, s = loop, LOOP
     if pool > best:
         best, s = pool, POOL
     if db > best:
         best, s = db, DB
     if other > best:
         best, s = other, OTHER
-    if col - (cpu + pool + db + other) > best:
+    if col - (cpu + loop + pool + db + other) > best:
         return False
     states[c] = s
     return True
@@ -195,7 +203,7 @@ def _row_states(rec: RequestRecord, offset: float, span: float, n: int) -> list[
     lo, hi = _cols(offset, offset + wall, col, n)
     if lo < 0:
         return states  # not in flight inside the window
-    acc = [[0.0] * n for _ in range(4)]
+    acc = [[0.0] * n for _ in range(_IN_FLIGHT)]
     intervals, cpu_segs = _intervals(rec.segments, wall)
     for k, a, b in intervals:  # inlined: this loop is most of the renderer's time
         a += offset
@@ -218,16 +226,18 @@ def _row_states(rec: RequestRecord, offset: float, span: float, n: int) -> list[
         for c in range(c0 + 1, c1):
             times[c] += col
         times[c1] += b - c1 * col
-    cpu, pool, db, other = acc
+    cpu, loop, pool, db, other = acc
     for c in range(lo, hi + 1):
         best, s = cpu[c], CPU
+        if loop[c] > best:
+            best, s = loop[c], LOOP
         if pool[c] > best:
             best, s = pool[c], POOL
         if db[c] > best:
             best, s = db[c], DB
         if other[c] > best:
             best, s = other[c], OTHER
-        if col - (cpu[c] + pool[c] + db[c] + other[c]) > best:
+        if col - (cpu[c] + loop[c] + pool[c] + db[c] + other[c]) > best:
             s = IDLE
         states[c] = s
     # A step shorter than a column still shows: short CPU is what a timeline is for.
@@ -240,8 +250,8 @@ def _row_states(rec: RequestRecord, offset: float, span: float, n: int) -> list[
                 states[mid] = CPU
     # So does a request shorter than a column, in the state it spent most time in.
     if all(s == IDLE for s in states[lo : hi + 1]):
-        totals = [sum(acc[k][lo : hi + 1]) for k in range(4)]
-        state = max(range(4), key=totals.__getitem__) if any(totals) else OTHER
+        totals = [sum(acc[k][lo : hi + 1]) for k in range(_IN_FLIGHT)]
+        state = max(range(_IN_FLIGHT), key=totals.__getitem__) if any(totals) else OTHER
         states[_col_of(offset + wall / 2, col, n)] = state
     return states
 
@@ -268,11 +278,17 @@ def _intervals(
             events.append((b, k, -1))
     events.sort()
     out: list[tuple[int, float, float]] = []
-    counts = [0, 0, 0]
+    counts = [0, 0, 0, 0]
     pos, last = 0.0, -1
     for t, k, d in events:
         if t > pos:
-            top = CPU if counts[CPU] else POOL if counts[POOL] else DB if counts[DB] else OTHER
+            top = (
+                CPU if counts[CPU]
+                else LOOP if counts[LOOP]
+                else POOL if counts[POOL]
+                else DB if counts[DB]
+                else OTHER
+            )  # fmt: skip
             if top == last:  # extend the previous interval
                 out[-1] = (top, out[-1][1], t)
             else:

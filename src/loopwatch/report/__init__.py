@@ -1,4 +1,4 @@
-"""The report engine behind ``loopwatch report``: reading, summary, capacity model."""
+"""The report engine behind ``loopwatch report``: reading, summary, loop, diagnosis, capacity."""
 
 from .engine import (
     Report,
@@ -6,6 +6,8 @@ from .engine import (
     ReportOptions,
     build_report,
     render_capacity,
+    render_diagnosis,
+    render_loop,
     render_routes,
     render_summary,
 )
@@ -16,6 +18,8 @@ __all__ = [
     "ReportOptions",
     "build_report",
     "render_capacity",
+    "render_diagnosis",
+    "render_loop",
     "render_routes",
     "render_summary",
 ]

@@ -15,9 +15,12 @@ from typing import Any
 from ..record import RequestRecord
 from ..renderers.text import clean, fmt_count, fmt_time
 from . import capacity as _capacity
+from . import diagnosis as _diagnosis
+from . import loop as _loop
 from . import summary as _summary
 from .capacity import Capacity
-from .reading import MAX_ROUTES, Reading, read_files, read_records
+from .loop import LoopStats, summarise_loop
+from .reading import MAX_ROUTES, SAMPLE_SLACK_S, Reading, read_files, read_records
 from .summary import Summary
 
 __all__ = [
@@ -26,6 +29,8 @@ __all__ = [
     "ReportOptions",
     "build_report",
     "render_capacity",
+    "render_diagnosis",
+    "render_loop",
     "render_routes",
     "render_summary",
 ]
@@ -55,6 +60,8 @@ class Report:
     problems: list[str]  # one-line notes for the user, clean()ed
     summary: Summary
     capacity: Capacity
+    loop: LoopStats
+    diagnosis: list[str]  # sentences, most important first; empty when all is well
     scope: str = ""  # the filters, in words ("" for everything)
     files: list[dict[str, Any]] = field(default_factory=list)
 
@@ -67,6 +74,7 @@ class Report:
             "cpu_ms": s.cpu.to_json(),
             "db_ms": s.db.to_json(),
             "pool_wait_ms": s.pool.to_json(),
+            "loop_wait_ms": s.loop.to_json(),
             "cpu_share": round(s.cpu_share, 4),
             "peak_in_flight": s.in_flight.peak,
             "p95_in_flight": s.in_flight.p95,
@@ -80,6 +88,8 @@ class Report:
                 "by_pid": [p.to_json() for p in s.processes],
             },
             "capacity": self.capacity.to_json(),
+            "loop": self.loop.to_json(),
+            "diagnosis": self.diagnosis,
             "routes": [r.to_json() for r in s.routes],
             "route_count": s.route_count,
             "window": {"title": self.window_title, "requests": len(self.window)},
@@ -110,6 +120,7 @@ def build_report(paths: Sequence[str], options: ReportOptions) -> Report:
         if not reading.start:
             raise ReportError(_nothing(reading, scope))
         summary = _summary.summarise(reading)
+        loop = summarise_loop(reading.loops, summary.first_start, summary.last_end, SAMPLE_SLACK_S)
         indices, title = _window(reading, summary, options)
         window, failed = read_records(reading, indices)
     finally:
@@ -122,6 +133,10 @@ def build_report(paths: Sequence[str], options: ReportOptions) -> Report:
         problems=[clean(p, 500) for p in _problems(reading, summary, failed)],
         summary=summary,
         capacity=Capacity.of(summary),
+        loop=loop,
+        diagnosis=[
+            clean(d, 1000) for d in _diagnosis.diagnose(summary, loop, options.route is not None)
+        ],
         scope=scope,
         files=[
             {
@@ -149,6 +164,16 @@ def render_routes(report: Report, width: int, *, color: bool = False) -> str:
 def render_capacity(report: Report, width: int, *, color: bool = False) -> str:
     """Sync workers needed for the concurrency seen, against the async processes measured."""
     return _capacity.render(report.capacity, width, color)
+
+
+def render_loop(report: Report, width: int, *, color: bool = False) -> str:
+    """Loop busy share and lag, and the stalls by code location."""
+    return _loop.render(report.loop, width, color)
+
+
+def render_diagnosis(report: Report, width: int, *, color: bool = False) -> str:
+    """What limited the requests and what to do about it; "" when nothing did."""
+    return _diagnosis.render(report.diagnosis, width, color)
 
 
 def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], str]:

@@ -16,8 +16,9 @@ from array import array
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..record import FORMAT_VERSION, Meta, ProcessSample, RecordError, RequestRecord
+from ..record import FORMAT_VERSION, Meta, ProcessSample, RecordError, RequestRecord, Stall
 from ..renderers.text import clean
+from .stalls import LoopAcc
 
 MAX_LINE = 1 << 20  # longer lines are skipped without being held in memory
 MAX_ROUTES = 1000  # distinct routes kept apart; the rest share one row
@@ -25,6 +26,9 @@ MAX_PIDS = 10_000
 
 _MAX_MS = 1e10  # as record._MAX_MS
 _MAX_START = 1e11  # Unix seconds in year 5138: anything later is not a start time
+# A process sample describes the interval before it: one written up to this long after
+# the last request ended still covers the report's period.
+SAMPLE_SLACK_S = 1.0
 
 
 @dataclass
@@ -37,7 +41,7 @@ class FileInfo:
     lines: int = 0
     requests: int = 0  # valid request lines, before filters
     matched: int = 0  # ... that passed the filters
-    other: int = 0  # valid meta and process lines
+    other: int = 0  # valid meta, process and stall lines
     malformed: int = 0
     first_malformed: str = ""
     overlong: int = 0
@@ -61,6 +65,7 @@ class RouteAcc:
     cpu: float = 0.0
     db: float = 0.0
     pool: float = 0.0
+    loop: float = 0.0  # loop wait
     errors: int = 0
     walls: array[float] = field(default_factory=lambda: array("d"))
 
@@ -98,12 +103,14 @@ class Reading:
     cpu: array[float] = field(default_factory=lambda: array("d"))
     db: array[float] = field(default_factory=lambda: array("d"))
     pool: array[float] = field(default_factory=lambda: array("d"))
+    loop: array[float] = field(default_factory=lambda: array("d"))  # loop wait
     offset: array[int] = field(default_factory=lambda: array("q"))
     file: array[int] = field(default_factory=lambda: array("I"))
     routes: dict[str | None, RouteAcc] = field(default_factory=dict)
     other_routes: RouteAcc | None = None
     processes: dict[int, ProcessAcc] = field(default_factory=dict)
     errors: int = 0
+    loops: LoopAcc = field(default_factory=LoopAcc)
 
     def close(self) -> None:
         for info in self.files:
@@ -164,7 +171,7 @@ def _read(
 ) -> None:
     loads = json.loads
     readline = f.readline
-    starts, walls, cpus, dbs, pools = r.start, r.wall, r.cpu, r.db, r.pool
+    starts, walls, cpus, dbs, pools, loops = r.start, r.wall, r.cpu, r.db, r.pool, r.loop
     offsets, files, routes = r.offset, r.file, r.routes
     lo = -1.0 if since is None else since
     hi = _MAX_START if until is None else min(until, _MAX_START)
@@ -213,6 +220,7 @@ def _read(
                 cpu = d["cpu_ms"]
                 db = d["db_ms"]
                 pool = d["pool_wait_ms"]
+                loop = d.get("loop_wait_ms", 0.0)  # older files have none
                 route = d.get("route")
                 status = d.get("status")
                 error = d.get("error")
@@ -223,6 +231,7 @@ def _read(
                     and 0.0 <= cpu <= _MAX_MS
                     and 0.0 <= db <= _MAX_MS
                     and 0.0 <= pool <= _MAX_MS
+                    and 0.0 <= loop <= _MAX_MS
                     and (route is None or type(route) is str)
                     and (status is None or type(status) is int)
                     and (error is None or type(error) is str)
@@ -234,7 +243,11 @@ def _read(
                 _malformed(info, _why_request(d))
                 continue
             info.requests += 1
-            if not lo <= start < hi or (route_filter is not None and route != route_filter):
+            if not lo <= start < hi:
+                continue
+            if loop:
+                r.loops.add_loop_segments(pid, start, d.get("segments", _NO_SEGMENTS))
+            if route_filter is not None and route != route_filter:
                 continue
             info.matched += 1
             if spool is not None:
@@ -245,6 +258,7 @@ def _read(
             cpus.append(cpu)
             dbs.append(db)
             pools.append(pool)
+            loops.append(loop)
             offsets.append(here)
             files.append(index)
             acc = routes.get(route) or r.route_acc(route)
@@ -253,6 +267,7 @@ def _read(
             acc.cpu += cpu
             acc.db += db
             acc.pool += pool
+            acc.loop += loop
             acc.walls.append(wall)
             if error is not None or (status is not None and status >= 500):
                 acc.errors += 1
@@ -275,6 +290,17 @@ def _read(
             info.other += 1
             if lo <= sample.time < hi:
                 _add_sample(r, sample)
+            if lo <= sample.time < hi + SAMPLE_SLACK_S:
+                r.loops.add_sample(sample)
+        elif kind == "stall":
+            try:
+                stall = Stall.from_dict(d)
+            except (RecordError, TypeError) as exc:
+                _malformed(info, str(exc))
+                continue
+            info.other += 1
+            if lo <= stall.time < hi and (route_filter is None or stall.route == route_filter):
+                r.loops.add_stall(stall)
         elif kind == "meta":
             version = d.get("version")
             if type(pid) is int and type(version) is int and version != FORMAT_VERSION:
@@ -293,7 +319,7 @@ def _read(
             info.unknown += 1
 
 
-_DATA = frozenset(("request", "process"))  # lines a process writes after its meta line
+_DATA = frozenset(("request", "process", "stall"))  # lines a process writes after its meta line
 _NO_SEGMENTS: list[Any] = []
 
 

@@ -96,6 +96,7 @@ class RouteStats:
     cpu_mean: float
     db_mean: float
     pool_mean: float
+    loop_mean: float
     errors: int
     wall_total: float
 
@@ -108,6 +109,7 @@ class RouteStats:
             "cpu_mean_ms": round(self.cpu_mean, 3),
             "db_mean_ms": round(self.db_mean, 3),
             "pool_wait_mean_ms": round(self.pool_mean, 3),
+            "loop_wait_mean_ms": round(self.loop_mean, 3),
             "errors": self.errors,
             "wall_total_ms": round(self.wall_total, 3),
         }
@@ -129,6 +131,7 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
             merged.cpu += a.cpu
             merged.db += a.db
             merged.pool += a.pool
+            merged.loop += a.loop
             merged.errors += a.errors
             merged.walls.extend(a.walls)
         label = f"({len(rest)} more routes)"
@@ -149,6 +152,7 @@ def _route_stats(a: RouteAcc, name: str) -> RouteStats:
         cpu_mean=a.cpu / n,
         db_mean=a.db / n,
         pool_mean=a.pool / n,
+        loop_mean=a.loop / n,
         errors=a.errors,
         wall_total=a.wall,
     )
@@ -185,6 +189,7 @@ class Summary:
     cpu: Distribution
     db: Distribution
     pool: Distribution
+    loop: Distribution  # loop wait
     cpu_share: float
     in_flight: InFlight
     first_start: float
@@ -193,6 +198,11 @@ class Summary:
     processes: list[ProcessMemory]
     routes: list[RouteStats]
     route_count: int
+    # Totals over the requests, ms: where they waited, for the diagnosis.
+    wall_total: float = 0.0
+    db_total: float = 0.0
+    pool_total: float = 0.0
+    loop_total: float = 0.0
 
 
 def summarise(r: Reading) -> Summary:
@@ -211,6 +221,7 @@ def summarise(r: Reading) -> Summary:
         cpu=Distribution.of(r.cpu),
         db=Distribution.of(r.db),
         pool=Distribution.of(r.pool),
+        loop=Distribution.of(r.loop),
         cpu_share=sum(r.cpu) / wall_sum if wall_sum > 0 else 0.0,
         in_flight=in_flight(r.start, r.wall),
         first_start=min(r.start),
@@ -219,12 +230,22 @@ def summarise(r: Reading) -> Summary:
         processes=procs,
         routes=routes,
         route_count=route_count,
+        wall_total=wall_sum,
+        db_total=sum(r.db),
+        pool_total=sum(r.pool),
+        loop_total=sum(r.loop),
     )
 
 
 # --- rendering ----------------------------------------------------------------------------
 
-_LABELS = (("wall", "wall"), ("CPU on loop", "cpu"), ("awaited DB", "db"), ("pool wait", "pool"))
+_LABELS = (
+    ("wall", "wall"),
+    ("CPU on loop", "cpu"),
+    ("awaited DB", "db"),
+    ("pool wait", "pool"),
+    ("loop wait", "loop"),
+)
 
 
 def render(s: Summary, width: int, scope: str, skipped: int, color: bool) -> str:
@@ -295,8 +316,9 @@ _ROUTE_COLUMNS: tuple[
     ("p95", lambda r: fmt_ms(r.wall_p95), 2),
     ("cpu", lambda r: fmt_ms(r.cpu_mean), 4),
     ("db", lambda r: fmt_ms(r.db_mean), 3),
-    ("pool", lambda r: fmt_ms(r.pool_mean), 6),
-    ("errors", lambda r: f"{r.errors:,}", 5),
+    ("pool", lambda r: fmt_ms(r.pool_mean), 7),
+    ("loop", lambda r: fmt_ms(r.loop_mean), 5),
+    ("errors", lambda r: f"{r.errors:,}", 6),
 )
 
 
@@ -316,7 +338,7 @@ def render_routes(s: Summary, width: int, color: bool) -> str:
         keep.discard(i)
     shown = sorted(keep)
     route_w = max(1, min(route_w, width - 2 - sum(widths[i] for i in shown)))
-    title = "Routes, by total wall time (mean cpu, db and pool wait per request)"
+    title = "Routes, by total wall time (mean cpu, db, pool wait and loop wait per request)"
     lines = [paint(line, "1", color) for line in wrap(title, width, "", "  ")]
     head = (
         "  "

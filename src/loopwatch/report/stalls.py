@@ -1,0 +1,109 @@
+"""What the first pass keeps for the Loop section: stalls, loop samples and loop waits.
+
+As the rest of pass 1, only numbers in flat arrays: a recording of a blocked loop can
+hold a stall and several loop-wait segments per request, a million of each. Code
+locations and routes repeat, so each distinct one is kept once and stalls point at it.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..record import Frame, ProcessSample, Stall
+from ..renderers.text import clean
+
+MAX_LOCATIONS = 1000  # distinct stall locations kept apart; the rest share one
+MAX_STALL_ROUTES = 1000
+OTHER_LOCATION: Frame = ("(other locations)", 0, "", False)
+OTHER_ROUTE = "(other routes)"
+_MAX_MS = 1e10  # as record._MAX_MS
+
+_NAN = float("nan")
+
+
+@dataclass
+class LoopAcc:
+    """Pass 1's loop figures. Times are Unix seconds, durations milliseconds; NaN is
+    "not measured" in the sample arrays."""
+
+    sample_time: array[float] = field(default_factory=lambda: array("d"))
+    sample_busy: array[float] = field(default_factory=lambda: array("d"))  # share, 0-1
+    sample_lag: array[float] = field(default_factory=lambda: array("d"))  # ms
+    stall_time: array[float] = field(default_factory=lambda: array("d"))
+    stall_ms: array[float] = field(default_factory=lambda: array("d"))
+    stall_cpu: array[float] = field(default_factory=lambda: array("d"))  # ms
+    stall_pid: array[int] = field(default_factory=lambda: array("q"))
+    stall_loc: array[int] = field(default_factory=lambda: array("I"))  # into locations
+    stall_route: array[int] = field(default_factory=lambda: array("I"))  # into routes
+    locations: list[Frame | None] = field(default_factory=lambda: [None])  # 0: unknown
+    routes: list[str | None] = field(default_factory=lambda: [None])  # 0: no request
+    # The "loop" segments of every request in the time filters (whatever its route: a
+    # stall delays requests of other routes too), absolute, with a request number.
+    seg_pid: array[int] = field(default_factory=lambda: array("q"))
+    seg_start: array[float] = field(default_factory=lambda: array("d"))
+    seg_end: array[float] = field(default_factory=lambda: array("d"))
+    seg_request: array[int] = field(default_factory=lambda: array("I"))
+    delayable: int = 0  # requests whose loop segments were kept
+    _loc_index: dict[Frame | None, int] = field(default_factory=lambda: {None: 0})
+    _route_index: dict[str | None, int] = field(default_factory=lambda: {None: 0})
+
+    def add_sample(self, s: ProcessSample) -> None:
+        self.sample_time.append(s.time)
+        self.sample_busy.append(_NAN if s.loop_busy is None else s.loop_busy)
+        self.sample_lag.append(_NAN if s.loop_lag_ms is None else s.loop_lag_ms)
+
+    def add_stall(self, s: Stall) -> None:
+        self.stall_time.append(s.time)
+        self.stall_ms.append(s.duration_ms)
+        self.stall_cpu.append(s.cpu_ms)
+        self.stall_pid.append(s.pid)
+        self.stall_loc.append(self._location(s.location))
+        self.stall_route.append(self._route(s.route))
+
+    def add_loop_segments(self, pid: int, start: float, segments: Any) -> None:
+        """Keep a request's ``["loop", a, b]`` segments (``segments`` as read: unchecked;
+        malformed ones are left out, as the reference parser would reject the line)."""
+        kept = False
+        for seg in segments:
+            if type(seg) is not list or len(seg) != 3 or seg[0] != "loop":
+                continue
+            a, b = seg[1], seg[2]
+            if type(a) not in (int, float) or type(b) not in (int, float):
+                continue
+            if not 0.0 <= a <= b <= _MAX_MS:  # also drops NaN
+                continue
+            self.seg_pid.append(pid)
+            self.seg_start.append(start + a / 1000)
+            self.seg_end.append(start + b / 1000)
+            self.seg_request.append(self.delayable)
+            kept = True
+        if kept:
+            self.delayable += 1
+
+    def _location(self, frame: Frame | None) -> int:
+        if frame is not None:
+            frame = (clean(frame[0], 300), frame[1], clean(frame[2]), frame[3])
+        i = self._loc_index.get(frame)
+        if i is None:
+            if len(self.locations) >= MAX_LOCATIONS:
+                frame = OTHER_LOCATION
+                i = self._loc_index.get(frame)
+            if i is None:
+                i = self._loc_index[frame] = len(self.locations)
+                self.locations.append(frame)
+        return i
+
+    def _route(self, route: str | None) -> int:
+        if route is not None:
+            route = clean(route)
+        i = self._route_index.get(route)
+        if i is None:
+            if len(self.routes) >= MAX_STALL_ROUTES:
+                route = OTHER_ROUTE
+                i = self._route_index.get(route)
+            if i is None:
+                i = self._route_index[route] = len(self.routes)
+                self.routes.append(route)
+        return i
