@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,16 +13,20 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanKind, StatusCode, get_tracer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from loopwatch import InstrumentedPool, LoopWatch, create_pool
-from loopwatch.export.otel import Spans
+from loopwatch._capture.loop import monitor
+from loopwatch.export.otel import STALL_EVENT, Spans
 
 SECRET_PARAM = "hunter2-param"
+# Past the stall threshold: the tests ask for 0.05 s, but the process's watchdog has the
+# threshold of the first LoopWatch that started it (the default is 0.1 s).
+BLOCK_S = 0.25
 
 
 @pytest.fixture
@@ -59,6 +64,29 @@ def make_app(pool: InstrumentedPool) -> Starlette:
     )
 
 
+async def blocking(request: Request) -> Response:
+    time.sleep(BLOCK_S)  # noqa: ASYNC251 (the stall: BLOCKING_LINE)
+    return PlainTextResponse("done")
+
+
+BLOCKING_LINE = blocking.__code__.co_firstlineno + 1
+
+
+async def nap(request: Request) -> Response:
+    await asyncio.sleep(0.05)  # suspended: the loop is free for others, then blocked
+    return PlainTextResponse("rested")
+
+
+def blocking_app() -> Starlette:
+    return Starlette(routes=[Route("/block", blocking), Route("/nap", nap)])
+
+
+def stall_events(span: ReadableSpan) -> list[Any]:
+    assert monitor.watchdog is not None
+    assert monitor.watchdog.threshold_ns <= BLOCK_S * 1e9 / 2, "the test cannot stall"
+    return [e for e in span.events if e.name == STALL_EVENT]
+
+
 async def get(app: Any, *paths: str, headers: dict[str, str] | None = None) -> list[int]:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -85,6 +113,7 @@ async def test_server_span_follows_http_conventions_and_carries_loopwatch_figure
     assert attrs["loopwatch.db_queries"] == 1
     assert attrs["loopwatch.cpu_ms"] > 0
     assert attrs["loopwatch.db_ms"] > 0
+    assert attrs["loopwatch.loop_wait_ms"] >= 0
     assert "█" in str(attrs["loopwatch.timeline"])
     assert len(str(attrs["loopwatch.timeline"])) == 40
     assert server.status.status_code != StatusCode.ERROR
@@ -214,9 +243,97 @@ async def test_with_opentelemetry_asgi_there_is_one_enriched_server_span(
     assert len(servers) == 1, [s.name for s in spans]
     attrs = dict(servers[0].attributes or {})
     assert attrs["loopwatch.db_queries"] == 1
+    assert attrs["loopwatch.loop_wait_ms"] >= 0
     assert "loopwatch.timeline" in attrs
     (query,) = by_kind(spans, SpanKind.CLIENT)
     assert query.context.trace_id == servers[0].context.trace_id
+
+
+async def test_a_stall_is_an_event_on_the_server_span_at_the_blocking_line(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(blocking_app(), file=None, tracer_provider=provider, stall_threshold=0.05)
+    assert await get(app, "/block") == [200]
+    (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    (event,) = stall_events(server)
+    attrs = dict(event.attributes or {})
+    assert attrs["code.file.path"] == __file__
+    assert attrs["code.line.number"] == BLOCKING_LINE
+    assert attrs["code.function.name"] == "blocking"
+    assert f'"{__file__}", line {BLOCKING_LINE}, in blocking\n' in str(attrs["code.stacktrace"])
+    assert attrs["loopwatch.stall.duration_ms"] >= BLOCK_S * 1000
+    assert attrs["loopwatch.stall.cpu_ms"] < BLOCK_S * 1000 / 2
+    assert attrs["loopwatch.stall.cause"] == "blocked"
+    # At the start of the step (the request's first): 1 ms for the two clocks' rounding.
+    assert server.start_time is not None
+    assert server.end_time is not None
+    assert server.start_time - 1e6 <= event.timestamp <= server.start_time + BLOCK_S * 1e9 / 2
+    assert event.timestamp + BLOCK_S * 1e9 <= server.end_time + 1e6
+
+
+async def test_a_request_that_does_not_stall_has_no_stall_event(
+    pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(make_app(pool), file=None, tracer_provider=provider, stall_threshold=0.05)
+    assert await get(app, "/slow") == [200]  # 0.1 s in the database, not on the loop
+    (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    assert stall_events(server) == []
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+async def test_with_opentelemetry_asgi_the_stall_is_on_its_server_span(
+    provider: TracerProvider, exporter: InMemorySpanExporter, where: str
+) -> None:
+    kwargs: dict[str, Any] = {"file": None, "tracer_provider": provider, "stall_threshold": 0.05}
+    if where == "outside":
+        app: Any = OpenTelemetryMiddleware(
+            LoopWatch(blocking_app(), **kwargs), tracer_provider=provider
+        )
+    else:
+        app = LoopWatch(OpenTelemetryMiddleware(blocking_app(), tracer_provider=provider), **kwargs)
+    assert await get(app, "/block") == [200]
+    (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    (event,) = stall_events(server)
+    assert dict(event.attributes or {})["code.line.number"] == BLOCKING_LINE
+
+
+async def test_with_opentelemetry_asgi_outside_an_apps_own_span_does_not_take_the_stall(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    tracer = get_tracer("app", tracer_provider=provider)
+
+    async def own_span(scope: Any, receive: Any, send: Any) -> None:
+        with tracer.start_as_current_span("work"):
+            time.sleep(BLOCK_S)  # noqa: ASYNC251 (a stall)
+            await asyncio.sleep(0)  # the step, and its stall, end while "work" is current
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"done"})
+
+    inner = LoopWatch(own_span, file=None, tracer_provider=provider, stall_threshold=0.05)
+    assert await get(OpenTelemetryMiddleware(inner, tracer_provider=provider), "/own") == [200]
+    spans = exporter.get_finished_spans()
+    (server,) = by_kind(spans, SpanKind.SERVER)
+    (work,) = [s for s in spans if s.name == "work"]
+    assert len(stall_events(server)) == 1
+    assert "loopwatch.loop_wait_ms" in dict(server.attributes or {})
+    assert work.events == ()
+    assert not any(k.startswith("loopwatch.") for k in dict(work.attributes or {}))
+
+
+async def test_a_request_held_up_by_anothers_stall_names_its_route(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = LoopWatch(blocking_app(), file=None, tracer_provider=provider, stall_threshold=0.05)
+    assert await get(app, "/nap", "/block") == [200, 200]  # /nap waits while /block blocks
+    spans = {
+        s.name: dict(s.attributes or {})
+        for s in by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    }
+    napped, blocker = spans["GET /nap"], spans["GET /block"]
+    assert napped["loopwatch.loop_wait_ms"] >= (BLOCK_S - 0.05) * 1000 * 0.8
+    assert napped["loopwatch.blocked_by.route"] == "/block"
+    assert napped["loopwatch.blocked_by.held_ms"] >= (BLOCK_S - 0.05) * 1000 * 0.8
+    assert "loopwatch.blocked_by.route" not in blocker
 
 
 def test_without_an_sdk_provider_spans_cost_nothing() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +18,14 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from loopwatch import InstrumentedPool, LoopWatch
-from loopwatch.export.otel_metrics import Metrics
+from loopwatch._capture.loop import monitor
+from loopwatch._capture.watchdog import stall_listeners
+from loopwatch.export.otel_metrics import SECONDS_BUCKETS, Metrics
+from loopwatch.record import Stall
+
+# Past the stall threshold: the tests ask for 0.05 s, but the process's watchdog has the
+# threshold of the first LoopWatch that started it (the default is 0.1 s).
+BLOCK_S = 0.25
 
 
 @pytest.fixture
@@ -36,7 +45,11 @@ def make_app(pool: InstrumentedPool) -> Starlette:
         await pool.execute("SELECT pg_sleep(0.05)")
         return PlainTextResponse("ok")
 
-    return Starlette(routes=[Route("/items/{item_id:int}", item)])
+    async def block(request: Request) -> Response:
+        time.sleep(BLOCK_S)  # noqa: ASYNC251 (a stall)
+        return PlainTextResponse("done")
+
+    return Starlette(routes=[Route("/items/{item_id:int}", item), Route("/block", block)])
 
 
 async def drive(app: Any, n: int) -> None:
@@ -66,9 +79,11 @@ async def test_request_histograms(
         "loopwatch.request.cpu_time",
         "loopwatch.request.db_time",
         "loopwatch.request.pool_wait_time",
+        "loopwatch.request.loop_wait_time",
     ):
         (point,) = points[name]
         assert point.count == 3
+        assert tuple(point.explicit_bounds) == SECONDS_BUCKETS  # seconds, not the ms default
         assert point.attributes == {
             "http.request.method": "GET",
             "http.route": "/items/{item_id}",
@@ -134,6 +149,51 @@ async def test_memory_and_event_loop_metrics(
     assert 0.0 <= busy.value <= 1.0
     (lag,) = points["loopwatch.eventloop.lag"]
     assert 0.0 <= lag.value < 1.0
+
+
+async def test_a_stall_in_a_request_is_recorded_with_its_route(
+    pool: InstrumentedPool, provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    app = LoopWatch(
+        make_app(pool), file=None, meter_provider=provider, spans=False, stall_threshold=0.05
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/block")).status_code == 200
+    assert monitor.watchdog is not None
+    assert monitor.watchdog.threshold_ns <= BLOCK_S * 1e9 / 2, "the test cannot stall"
+    (stall,) = [
+        p for p in collect(reader)["loopwatch.eventloop.stall.duration"]
+        if p.attributes.get("http.route") == "/block"
+    ]  # fmt: skip
+    assert stall.attributes == {"http.route": "/block", "loopwatch.stall.cause": "blocked"}
+    assert stall.count == 1
+    assert stall.sum >= BLOCK_S
+
+
+async def test_a_stall_outside_requests_is_recorded_without_a_route(
+    provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    metrics = Metrics(provider)
+    assert metrics.active()
+    stall = Stall(time=time.time(), pid=os.getpid(), duration_ms=300.0, cpu_ms=290.0)
+    for listener in list(stall_listeners):  # as the watchdog thread calls them
+        listener(stall, None)
+    (point,) = collect(reader)["loopwatch.eventloop.stall.duration"]
+    assert point.attributes == {"loopwatch.stall.cause": "cpu"}
+    assert point.sum == 0.3
+
+
+async def test_two_middlewares_on_one_provider_record_a_stall_once(
+    provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    both = [Metrics(provider), Metrics(provider)]
+    assert all(m.active() for m in both)
+    stall = Stall(time=time.time(), pid=os.getpid(), duration_ms=300.0, cpu_ms=0.0)
+    for listener in list(stall_listeners):
+        listener(stall, None)
+    (point,) = collect(reader)["loopwatch.eventloop.stall.duration"]
+    assert point.count == 1
 
 
 def test_without_an_sdk_meter_provider_metrics_cost_nothing() -> None:

@@ -28,7 +28,7 @@ ROUTE = "/items/{item_id}"
 ITEMS = range(1, 6)
 SECRET_OFFSET = 7_345_129  # the query's parameter is item id + this: a value in no URL
 PASSWORD = "s3cretpw-otlp"
-TIMELINE_CHARS = set("█░▒·")
+TIMELINE_CHARS = set("█▓▒░·")
 # uvicorn exits by re-raising the SIGTERM once its graceful shutdown (lifespan included) is
 # done; a server that had to be killed would show -SIGKILL.
 CLEAN_EXIT = (0, -signal.SIGTERM)
@@ -148,6 +148,8 @@ def test_server_spans_arrive_with_routes_and_loopwatch_figures(exported: Exporte
         assert a["loopwatch.db_ms"] > 0
         assert isinstance(a["loopwatch.pool_wait_ms"], float)
         assert a["loopwatch.pool_wait_ms"] >= 0
+        assert isinstance(a["loopwatch.loop_wait_ms"], float)
+        assert a["loopwatch.loop_wait_ms"] >= 0
         assert isinstance(a["loopwatch.rss_bytes"], int)
         assert a["loopwatch.rss_bytes"] > 1_000_000
         timeline = a["loopwatch.timeline"]
@@ -209,6 +211,7 @@ def test_metrics_arrive(exported: Exported) -> None:
         "loopwatch.request.cpu_time",
         "loopwatch.request.db_time",
         "loopwatch.request.pool_wait_time",
+        "loopwatch.request.loop_wait_time",
     ):
         assert name in latest, sorted(latest)
         m = latest[name]

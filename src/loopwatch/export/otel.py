@@ -5,7 +5,9 @@ an opaque per-request :class:`RequestSpans` handle, keeps it on the trace, and t
 proxies call its ``query_*`` hooks. Spans are live (the request span is the current span
 while the app runs, so the app's own spans and outgoing calls nest under it) and follow
 the stable HTTP and database semantic conventions; loopwatch's own figures go on the
-server span under the ``loopwatch.`` prefix.
+server span under the ``loopwatch.`` prefix. A stall (a step that held the event loop
+past the stall threshold) is an event on the server span of the request whose step it
+was, with the blocking line in the stable ``code.*`` attributes.
 
 When OpenTelemetry's ASGI instrumentation already makes the server span (its middleware
 outside or inside LoopWatch), loopwatch adds its attributes to that span instead. With no
@@ -22,8 +24,9 @@ from opentelemetry import propagate
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCode
 
+from .._capture.watchdog import stall_listeners
 from .._version import __version__
-from ..record import RequestRecord
+from ..record import Frame, RequestRecord, Stall
 from ..renderers.timeline import render_bar
 
 _KNOWN_METHODS = frozenset(
@@ -31,6 +34,7 @@ _KNOWN_METHODS = frozenset(
 )
 _PROPAGATED = frozenset((b"traceparent", b"tracestate", b"baggage"))
 TIMELINE_COLUMNS = 40
+STALL_EVENT = "loopwatch.stall"
 RECHECK_S = 1.0  # while no SDK provider is configured, look again this often
 
 
@@ -60,14 +64,19 @@ class Spans:
         if isinstance(provider, (ProxyTracerProvider, trace_api.NoOpTracerProvider)):
             return None  # no SDK: cost nothing (checked again on the next request)
         self._tracer = provider.get_tracer("loopwatch", __version__)
+        if _stalled not in stall_listeners:
+            stall_listeners.append(_stalled)
         return self._tracer
 
     def begin(self, scope: dict[str, Any]) -> RequestSpans | None:
         tracer = self.tracer()
         if tracer is None:
             return None
-        if self._asgi_inside or trace_api.get_current_span().get_span_context().is_valid:
-            return RequestSpans(self, tracer, None, None)  # enrich the existing server span
+        if self._asgi_inside:  # its server span is made further in: found when needed
+            return RequestSpans(self, tracer, None, None)
+        current = trace_api.get_current_span()
+        if current.get_span_context().is_valid:  # enrich the existing server span
+            return RequestSpans(self, tracer, None, None, current)
         parent = _extract(scope)
         span = tracer.start_span(
             _name_method(scope.get("method", "")),  # the route is added at the end
@@ -82,13 +91,22 @@ class Spans:
 class RequestSpans:
     """One request's spans; the trace holds it, the middleware and proxies call it."""
 
-    __slots__ = ("_token", "owner", "span", "tracer")
+    __slots__ = ("_host", "_token", "owner", "span", "tracer")
 
-    def __init__(self, owner: Spans, tracer: Any, span: Any, token: Any) -> None:
+    def __init__(self, owner: Spans, tracer: Any, span: Any, token: Any, host: Any = None) -> None:
         self.owner = owner
         self.tracer = tracer
         self.span = span  # ours, or None when another middleware made the server span
         self._token = token
+        # Another middleware's server span, current when the request reached us; None
+        # when it is made inside LoopWatch: then it is the current span when needed.
+        self._host = host
+
+    def _server(self) -> Any:
+        if self.span is not None:
+            return self.span
+        # Taken at the start when it can be: later the app's own spans may be current.
+        return self._host if self._host is not None else trace_api.get_current_span()
 
     def detach(self) -> None:
         """Stop being the current span (the middleware calls this as the app returns)."""
@@ -98,7 +116,7 @@ class RequestSpans:
 
     def end(self, record: RequestRecord) -> None:
         """Put the request's figures on the server span; end it if it is ours."""
-        span = self.span if self.span is not None else trace_api.get_current_span()
+        span = self._server()
         if not span.is_recording():
             return
         attributes = _loopwatch_attributes(record)
@@ -118,6 +136,13 @@ class RequestSpans:
             span.end()
         else:
             span.set_attributes(attributes)
+
+    def stalled(self, stall: Stall) -> None:
+        """A step of this request held the loop past the stall threshold: an event on the
+        server span, at the step's start. Called on the loop thread, inside that step."""
+        span = self._server()
+        if span.is_recording():  # not once the request has ended (a task it left behind)
+            span.add_event(STALL_EVENT, _stall_attributes(stall), round(stall.time * 1e9))
 
     # --- queries -----------------------------------------------------------------------
 
@@ -169,12 +194,49 @@ def _loopwatch_attributes(record: RequestRecord) -> dict[str, Any]:
         "loopwatch.cpu_ms": record.cpu_ms,
         "loopwatch.db_ms": record.db_ms,
         "loopwatch.pool_wait_ms": record.pool_wait_ms,
+        "loopwatch.loop_wait_ms": record.loop_wait_ms,
         "loopwatch.db_queries": record.db_queries,
         "loopwatch.timeline": render_bar(record, TIMELINE_COLUMNS),
     }
     if record.rss_bytes is not None:
         attributes["loopwatch.rss_bytes"] = record.rss_bytes
+    blocked = record.blocked_by
+    if blocked is not None:
+        # The route, not loopwatch's request id: no span carries that id, so it would
+        # lead nowhere in a tracing backend; the blocker's own span has the stall event.
+        attributes["loopwatch.blocked_by.held_ms"] = blocked.held_ms
+        if blocked.route is not None:
+            attributes["loopwatch.blocked_by.route"] = blocked.route
     return attributes
+
+
+def _stalled(stall: Stall, trace: Any) -> None:
+    """The watchdog's stall listener: the event, for a stall in a request's step."""
+    handle = getattr(trace, "otel", None)  # None outside requests, or with spans off
+    if handle is not None:
+        handle.stalled(stall)
+
+
+def _stall_attributes(stall: Stall) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "loopwatch.stall.duration_ms": stall.duration_ms,
+        "loopwatch.stall.cpu_ms": stall.cpu_ms,
+        "loopwatch.stall.cause": stall.cause,
+    }
+    location = stall.location
+    if location is not None:
+        attributes["code.file.path"] = location[0]
+        attributes["code.line.number"] = location[1]
+        attributes["code.function.name"] = location[2]
+    if stall.stacks:
+        attributes["code.stacktrace"] = _format_stack(stall.stacks[0])
+    return attributes
+
+
+def _format_stack(stack: tuple[Frame, ...]) -> str:
+    """As Python prints a stack (innermost last), without the source lines: reading them
+    would be file I/O on the loop thread."""
+    return "".join(f'  File "{file}", line {line}, in {name}\n' for file, line, name, _ in stack)
 
 
 def _request_attributes(scope: dict[str, Any]) -> dict[str, Any]:
