@@ -191,3 +191,15 @@ if "only" in _ablate:
             loopwatch._capture.trace.current.reset(token)
 
     loopwatch.middleware.LoopWatch.__call__ = _only  # type: ignore[method-assign]
+
+# Issue 8's per-step work (loop wait, who held the loop), a part at a time: "begin" the
+# loop-wait accounting at each step's start (and so the loop segments it adds to the
+# record), "gap" only the monitor's idle-gap test in it.
+if "begin" in _ablate:
+    import loopwatch._capture.trace
+
+    loopwatch._capture.trace.Trace.begin_step = lambda self, w0, c0: None  # type: ignore[method-assign]
+if "gap" in _ablate:
+    import loopwatch._capture.loop
+
+    loopwatch._capture.loop.LoopMonitor.gap = lambda self, w0, c0: None  # type: ignore[method-assign]

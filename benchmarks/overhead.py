@@ -21,6 +21,16 @@ loopwatch exporting its spans; both through the same SDK set-up and an exporter 
 does nothing (benchmarks/otel_setup.py), and the added CPU of the one is reported as a
 fraction of the other's. Add lw-spans-nofile (loopwatch as a span exporter only) and
 sdk-floor (the fewest spans, straight through the SDK) to see what the SDK itself costs.
+
+--before SRC adds, after each configuration other than bare, the same configuration with
+the loopwatch package imported from SRC (the src folder of an earlier commit's worktree),
+labelled MODE@before, interleaved with the rest: what a change costs, same harness:
+
+    git worktree add /tmp/lw-before a7d4b84
+    python benchmarks/overhead.py --before /tmp/lw-before/src
+
+A PYTHONPATH set outside comes after SRC: point it at another worktree's src to measure
+a commit rather than a working tree that is being edited.
 """
 
 from __future__ import annotations
@@ -52,16 +62,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+BEFORE = "@before"
+
+
 def start_server(
-    mode: str, dsn: str, record_dir: str, cpu: int | None
+    label: str, dsn: str, record_dir: str, cpu: int | None, before: str | None
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """Serve bench_app in configuration ``label``: a mode, or MODE@before for that mode
+    with the loopwatch package from ``before``."""
     port = free_port()
+    mode = label.removesuffix(BEFORE)
+    path = [str(HERE)]
+    if label.endswith(BEFORE) and before is not None:
+        path.append(os.path.abspath(before))
+    if os.environ.get("PYTHONPATH"):  # e.g. a worktree's src for the current side
+        path.append(os.environ["PYTHONPATH"])
     env = {
         **os.environ,
         "BENCH_MODE": mode,
         "BENCH_DSN": dsn,
-        "LOOPWATCH_FILE": os.path.join(record_dir, f"{mode}.jsonl"),
-        "PYTHONPATH": str(HERE),
+        "LOOPWATCH_FILE": os.path.join(record_dir, f"{label}.jsonl"),
+        "PYTHONPATH": os.pathsep.join(path),
     }
     cmd = [
         sys.executable,
@@ -87,7 +108,7 @@ def start_server(
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"the {mode} server did not start")
+    raise RuntimeError(f"the {label} server did not start")
 
 
 def server_cpu_s(proc: subprocess.Popen[bytes]) -> float:
@@ -123,8 +144,13 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--endpoints", default=",".join(ENDPOINTS))
     parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument(
+        "--before", metavar="SRC", help="also each configuration with loopwatch from SRC"
+    )
     args = parser.parse_args()
     modes = args.modes.split(",")
+    if args.before:
+        modes = [x for m in modes for x in ([m] if m == "bare" else [m, m + BEFORE])]
     endpoints = args.endpoints.split(",")
     pin = os.cpu_count() is not None and (os.cpu_count() or 1) >= 2 and bool(_which("taskset"))
     server_cpu, client_cpu = (0, 1) if pin else (None, None)
@@ -136,7 +162,7 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="lwbench-") as rec,
         database(args.dsn, Path(rec)) as dsn,
     ):
-        servers = {m: start_server(m, dsn, rec, server_cpu) for m in modes}
+        servers = {m: start_server(m, dsn, rec, server_cpu, args.before) for m in modes}
         try:
             for _proc, port in servers.values():  # warm up: imports, pools, caches
                 for e in endpoints:
@@ -151,7 +177,7 @@ def main() -> None:
                         us = (server_cpu_s(proc) - c0) / args.requests * 1e6
                         raw[m][e].append((us, rps))
                         print(
-                            f"round {r + 1} {e:9} {m:15} {us:7.1f} us/req  {rps:8.0f} req/s",
+                            f"round {r + 1} {e:9} {m:18} {us:7.1f} us/req  {rps:8.0f} req/s",
                             file=sys.stderr,
                         )
         finally:
@@ -164,7 +190,7 @@ def main() -> None:
         f"{args.connections} connections; medians (min-max)\n"
     )
     print(
-        f"{'endpoint':10} {'config':15} {'server CPU/req':>22} {'req/s':>20} "
+        f"{'endpoint':10} {'config':18} {'server CPU/req':>22} {'req/s':>20} "
         f"{'added CPU':>10} {'CPU ratio':>10}"
     )
     for e in endpoints:
@@ -174,10 +200,18 @@ def main() -> None:
             rps = [x for _, x in raw[m][e]]
             med = statistics.median(us)
             print(
-                f"{e:10} {m:15} {med:8.1f} us ({min(us):5.1f}-{max(us):5.1f}) "
+                f"{e:10} {m:18} {med:8.1f} us ({min(us):5.1f}-{max(us):5.1f}) "
                 f"{statistics.median(rps):8.0f} ({min(rps):4.0f}-{max(rps):4.0f}) "
                 f"{med - base:+8.1f} us {med / base:9.3f}"
             )
+    paired = [m for m in modes if m + BEFORE in modes]
+    if paired:
+        print(f"\nnow against before ({args.before}), per request:")
+        for e in endpoints:
+            for m in paired:
+                now = statistics.median(us for us, _ in raw[m][e])
+                then = statistics.median(us for us, _ in raw[m + BEFORE][e])
+                print(f"{e:10} {m:18} {now - then:+7.1f} us ({now:.1f} against {then:.1f})")
     span_modes = [m for m in ("loopwatch-spans", "lw-spans-nofile", "sdk-floor") if m in modes]
     if "otel-contrib" in modes and span_modes:
         print(f"\nadded CPU as a share of otel-contrib's (both over {modes[0]}):")

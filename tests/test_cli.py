@@ -88,7 +88,7 @@ def test_report_json_has_the_documented_keys(recorded: Path) -> None:
 def test_ascii_draws_without_block_characters(recorded: Path) -> None:
     result = loopwatch("report", str(recorded), "--ascii", "--width", "100")
     assert result.returncode == 0, result.stderr
-    timeline = result.stdout.split("\n\n")[1]
+    timeline = next(p for p in result.stdout.split("\n\n") if "time -->" in p)
     assert "#" in timeline
     assert not set("█░▒") & set(result.stdout)
 
@@ -172,6 +172,50 @@ def test_colour_on_a_terminal_unless_no_color(recorded: Path) -> None:
     assert "\x1b[" not in run_on_pty({"NO_COLOR": "1"})
 
 
+def test_json_carries_the_loop_and_the_diagnosis(recorded: Path) -> None:
+    data = json.loads(loopwatch("report", str(recorded), "--json").stdout)
+    assert set(data["loop_wait_ms"]) == {"p50", "p95", "p99", "max"}
+    assert set(data["loop"]) >= {"utilization", "lag_ms", "stalls"}
+    # A run this short may hold a single sample, before the busy share can be known.
+    busy, lag = data["loop"]["utilization"], data["loop"]["lag_ms"]
+    assert busy is None or 0 <= busy <= 1
+    assert lag is None or set(lag) == {"p50", "p99", "max"}
+    # Queries behind a pool of 5: whatever it says, it does not blame the loop.
+    assert isinstance(data["diagnosis"], list)
+    assert not any(sentence.startswith("The event loop") for sentence in data["diagnosis"])
+
+
+def test_report_of_a_blocked_loop_names_the_blocking_line(tmp_path: Path, pg_dsn: str) -> None:
+    path = tmp_path / "blocked.jsonl"
+    env = {"LOOPWATCH_FILE": str(path), "LOOPWATCH_TEST_DSN": pg_dsn, "POOL_MAX": "5"}
+    with serve("tests.loop_apps:app", env) as server:
+
+        async def burst() -> None:
+            import asyncio
+
+            limits = httpx.Limits(max_connections=30)
+            async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as c:
+                calls = [c.get(f"/q/{i}") for i in range(24)]
+                calls.insert(4, c.post("/block?kind=sleep&ms=300"))
+                await asyncio.gather(*calls)
+
+        import asyncio
+
+        asyncio.run(burst())
+    result = loopwatch("report", str(path), "--width", "200")
+    assert result.returncode == 0, result.stderr
+    lead = result.stdout.split("\n\n")[0]
+    assert lead.startswith("Diagnosis\n  The event loop, not the database or the pool, is where")
+    marker = next(
+        n
+        for n, text in enumerate((ROOT / "tests" / "loop_apps.py").read_text().splitlines(), 1)
+        if "# BLOCK-SLEEP" in text
+    )
+    assert "Route /block held the loop once (" in lead
+    assert f"loop_apps.py:{marker} in block: it delayed " in lead
+    assert "run_in_executor" in lead
+
+
 def _demo_leftovers() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "loopwatch-demo-*")))
 
@@ -245,3 +289,63 @@ def test_demo_without_its_extra_says_how_to_install_it() -> None:
     assert "pip install 'loopwatch[demo]'" in result.stderr
     assert "uvicorn" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _demo_line(needle: str) -> int:
+    """The line of the demo app that contains ``needle``."""
+    source = (ROOT / "src" / "loopwatch" / "cli" / "demo_app.py").read_text().splitlines()
+    (line,) = [n for n, text in enumerate(source, 1) if needle in text.split("#")[0]]
+    return line
+
+
+def test_demo_blocking_records_stalls_at_the_demo_apps_blocking_lines(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    from loopwatch.cli import demo
+    from loopwatch.record import RequestRecord, Stall, parse_line
+
+    record_file, _ = demo.run(pg_dsn, 40, tmp_path, blocking=demo.BLOCKING_REQUESTS)
+    records = [parse_line(line) for line in record_file.read_text().splitlines() if line]
+    stalls = [r for r in records if isinstance(r, Stall)]
+    requests = [r for r in records if isinstance(r, RequestRecord)]
+
+    demo_app = str(ROOT / "src" / "loopwatch" / "cli" / "demo_app.py")
+    expected = {
+        "/hash/{item_id}": (demo_app, _demo_line('b"salt", iterations)')),
+        "/sleep/{item_id}": (demo_app, _demo_line("time.sleep(BLOCK_SECONDS)")),
+    }
+    assert sorted(s.route or "" for s in stalls) == sorted(2 * list(expected))
+    for stall in stalls:
+        assert stall.location is not None, stall
+        assert stall.location[:2] == expected[stall.route or ""], stall
+        assert stall.duration_ms >= 140
+        # (The hash's cause is "cpu" only while its core is not shared with other work.)
+        if stall.route == "/sleep/{item_id}":
+            assert stall.cause == "blocked"
+    assert len(requests) == 44
+    # The well-behaved requests in flight during a block waited for the loop, and their
+    # records say which route held it.
+    waited = [
+        r
+        for r in requests
+        if r.route == "/items/{item_id}"
+        and r.loop_wait_ms >= 50
+        and r.blocked_by is not None
+        and r.blocked_by.route in expected
+    ]
+    assert waited, [(r.path, r.loop_wait_ms, r.blocked_by) for r in requests]
+
+
+def test_demo_blocking_says_what_it_sent() -> None:
+    before = _demo_leftovers()
+    result = loopwatch("demo", "--blocking", "--width", "110", "--requests", "40", timeout=180)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("40 concurrent requests, each a little CPU and a 50 ms query, ")
+    assert "4 that block the event loop for 150 ms each" in first
+    assert "time.sleep" in first
+    for route in ("/items/{item_id}", "/hash/{item_id}", "/sleep/{item_id}"):
+        assert route in result.stdout
+    assert "Traceback" not in result.stderr
+    assert _demo_leftovers() == before, "the demo removes its temporary files"
+    assert not _processes_using("loopwatch-demo-"), "the demo stops its database"

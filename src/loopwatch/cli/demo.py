@@ -2,9 +2,9 @@
 
 Starts an embedded PostgreSQL (pgserver) unless a DSN is given, serves the demo app
 (loopwatch.cli.demo_app) with uvicorn in its own process on 127.0.0.1, sends the requests
-with a progress bar, stops the server (which flushes its record file) and returns the
-path of the records. Everything it starts and every file it writes is cleaned up, also on
-Ctrl-C.
+(with ``--blocking``, a few that block the event loop among them) with a progress bar,
+stops the server (which flushes its record file) and returns the path of the records.
+Everything it starts and every file it writes is cleaned up, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -102,23 +102,47 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
     raise DemoError("the demo server did not start within a minute.")
 
 
-async def fire(url: str, n: int, progress: Callable[[int], None]) -> float:
-    """Send ``n`` requests at once; returns the seconds they took."""
+# ``--blocking``: this many requests to the demo app's deliberate mistakes, alternately
+# /hash (CPU on the loop) and /sleep (time.sleep in an async endpoint).
+BLOCKING_REQUESTS = 4
+BLOCKING_ROUTES = ("/hash", "/sleep")
+
+
+async def fire(url: str, n: int, progress: Callable[[int], None], blocking: int = 0) -> float:
+    """Send ``n`` requests at once, and ``blocking`` more spread among them; returns the
+    seconds they all took."""
     import httpx
 
-    done = 0
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    done = normal_done = 0
+    # Blocking request k goes out once k+1 fifths (for four) of the others have answered,
+    # so each lands while the rest are in flight whatever the machine's speed.
+    due = [asyncio.Event() for _ in range(blocking)]
+    thresholds = [(k + 1) * n // (blocking + 1) for k in range(blocking)]
+    limits = httpx.Limits(max_connections=n + blocking, max_keepalive_connections=n + blocking)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
 
-        async def one(i: int) -> None:
+        async def get(path: str) -> None:
             nonlocal done
-            response = await client.get(f"/items/{i}")
+            response = await client.get(path)
             response.raise_for_status()
             done += 1
             progress(done)
 
+        async def one(i: int) -> None:
+            nonlocal normal_done
+            await get(f"/items/{i}")
+            normal_done += 1
+            for event, threshold in zip(due, thresholds, strict=True):
+                if normal_done >= threshold:
+                    event.set()
+
+        async def block(k: int) -> None:
+            if thresholds[k] > 0:
+                await due[k].wait()
+            await get(f"{BLOCKING_ROUTES[k % len(BLOCKING_ROUTES)]}/{k}")
+
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.gather(*(one(i) for i in range(n)), *(block(k) for k in range(blocking)))
         return time.perf_counter() - t0
 
 
@@ -140,17 +164,18 @@ def progress_bar(total: int, out: TextIO, *, ascii: bool) -> Callable[[int], Non
 
 
 def run(
-    dsn: str | None, requests: int, workdir: Path, *, ascii: bool = False
+    dsn: str | None, requests: int, workdir: Path, *, ascii: bool = False, blocking: int = 0
 ) -> tuple[Path, float]:
-    """Run the demo traffic; returns the record file (in ``workdir``) and the seconds taken."""
+    """Run the demo traffic (``requests`` to /items, ``blocking`` to the endpoints that
+    block the loop); returns the record file (in ``workdir``) and the seconds taken."""
     missing = missing_packages(need_database=not dsn)
     if missing:
         raise DemoError(f"loopwatch demo needs {', '.join(missing)}: {INSTALL_HINT}")
     record_file = workdir / "loopwatch.jsonl"
     with database(dsn, workdir) as url_dsn, server(url_dsn, record_file) as url:
-        bar = progress_bar(requests, sys.stderr, ascii=ascii)
+        bar = progress_bar(requests + blocking, sys.stderr, ascii=ascii)
         try:
-            seconds = asyncio.run(fire(url, requests, bar))
+            seconds = asyncio.run(fire(url, requests, bar, blocking))
         except Exception as exc:
             raise DemoError(f"the demo requests failed: {exc}") from None
     return record_file, seconds

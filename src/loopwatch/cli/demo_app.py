@@ -3,12 +3,18 @@
 Run by uvicorn in its own process (``--factory loopwatch.cli.demo_app:create_app``) so the
 memory and CPU it records are the server's alone. Configured by LOOPWATCH_DEMO_DSN and
 LOOPWATCH_FILE.
+
+``/items/{item_id}`` is the well-behaved endpoint. ``/hash/{item_id}`` and
+``/sleep/{item_id}`` are the demo's deliberate mistakes (``loopwatch demo --blocking``):
+each holds the event loop for BLOCK_SECONDS, so every other request waits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -22,6 +28,7 @@ from .. import LoopWatch, create_pool
 
 POOL_SIZE = 15
 QUERY_SECONDS = 0.05
+BLOCK_SECONDS = 0.15  # what each blocking endpoint holds the loop for
 
 
 def create_app() -> ASGIApp:
@@ -39,7 +46,22 @@ def create_app() -> ASGIApp:
     return dispatch
 
 
+def pbkdf2_iterations(seconds: float) -> int:
+    """How many PBKDF2-SHA256 iterations take ``seconds`` of CPU on this machine."""
+    n = 20_000
+    while True:
+        t0 = time.thread_time()
+        hashlib.pbkdf2_hmac("sha256", b"password", b"salt", n)
+        took = time.thread_time() - t0
+        if took >= 0.02:
+            return max(1, round(n * seconds / took))
+        n *= 4
+
+
 def _create_starlette(dsn: str) -> Starlette:
+    # Calibrated once, at start-up, outside any request.
+    iterations = pbkdf2_iterations(BLOCK_SECONDS)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE) as pool:
@@ -56,8 +78,27 @@ def _create_starlette(dsn: str) -> Starlette:
         )
         return JSONResponse({"id": row["id"], "checksum": checksum})
 
+    # Deliberate mistake 1: CPU-heavy work (a password hash) run on the event loop.
+    # Nothing else runs while it computes. The fix: `await asyncio.to_thread(...)` or
+    # `await anyio.to_thread.run_sync(...)`, or a process pool for pure-Python work.
+    async def hash_password(request: Request) -> Response:
+        digest = hashlib.pbkdf2_hmac("sha256", b"password", b"salt", iterations)
+        return JSONResponse({"id": request.path_params["item_id"], "hash": digest.hex()[:16]})
+
+    # Deliberate mistake 2: a blocking call inside an `async def` endpoint, the most
+    # common async mistake (time.sleep, requests.get, a sync database driver, file I/O).
+    # The fix: `await asyncio.sleep(...)`, an async client, or a plain `def` endpoint,
+    # which Starlette and FastAPI run in a thread.
+    async def sleep(request: Request) -> Response:
+        time.sleep(BLOCK_SECONDS)  # noqa: ASYNC251 (the mistake this endpoint shows)
+        return JSONResponse({"id": request.path_params["item_id"]})
+
     return Starlette(
-        routes=[Route("/items/{item_id:int}", item)],
+        routes=[
+            Route("/items/{item_id:int}", item),
+            Route("/hash/{item_id:int}", hash_password),
+            Route("/sleep/{item_id:int}", sleep),
+        ],
         middleware=[Middleware(LoopWatch)],
         lifespan=lifespan,
     )

@@ -19,6 +19,8 @@ from ..report import (
     ReportOptions,
     build_report,
     render_capacity,
+    render_diagnosis,
+    render_loop,
     render_routes,
     render_summary,
 )
@@ -41,12 +43,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def render(report: Report, width: int, *, ascii: bool = False, color: bool = False) -> str:
-    """The whole text report: timeline, summary, routes and capacity."""
+    """The whole text report: the diagnosis (when there is one) first, then the
+    timeline, summary, routes, loop and capacity."""
     parts = [
+        render_diagnosis(report, width, color=color),
         report.window_title,
         render_timeline(report.window, width, ascii=ascii, color=color),
         render_summary(report, width, color=color),
         render_routes(report, width, color=color),
+        render_loop(report, width, color=color),
         render_capacity(report, width, color=color),
     ]
     return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
@@ -74,17 +79,30 @@ def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
     dsn = args.dsn or os.environ.get("LOOPWATCH_DSN")
+    blocking = demo.BLOCKING_REQUESTS if args.blocking else 0
     try:
         with demo.temporary_workdir() as workdir:
-            record_file, seconds = demo.run(dsn, args.requests, Path(workdir), ascii=args.ascii)
+            record_file, seconds = demo.run(
+                dsn, args.requests, Path(workdir), ascii=args.ascii, blocking=blocking
+            )
             report = build_report([str(record_file)], ReportOptions())
     except (demo.DemoError, ReportError) as exc:
         print(f"loopwatch: {exc}", file=sys.stderr)
         return 1
-    print(
-        f"{args.requests} concurrent requests, each a little CPU and a "
-        f"{demo_query_ms()} ms query, served by one process in {seconds * 1000:.0f} ms.\n"
-    )
+    query_ms = demo_query_ms()
+    sent = f"{args.requests} concurrent requests, each a little CPU and a {query_ms} ms query"
+    if blocking:
+        from .demo_app import BLOCK_SECONDS
+
+        ms = round(BLOCK_SECONDS * 1000)
+        hashes = (blocking + 1) // 2
+        sleeps = blocking // 2
+        sent += (
+            f", and {blocking} that block the event loop for {ms} ms each among them "
+            f"({hashes} hashing a password on it, {sleeps} calling time.sleep in an "
+            f"async endpoint)"
+        )
+    print(f"{sent}, served by one process in {seconds * 1000:.0f} ms.\n")
     sys.stdout.write(render(report, _width(args), ascii=args.ascii, color=_color()))
     return 0
 
@@ -174,6 +192,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--dsn", help="PostgreSQL to use instead of an embedded one")
     demo.add_argument("--requests", type=_positive, default=100, metavar="N")
+    demo.add_argument(
+        "--blocking",
+        action="store_true",
+        help="also send a few requests that block the event loop (CPU on the loop, "
+        "time.sleep in an async endpoint): what a blocked loop looks like",
+    )
     _output_options(demo)
     return parser
 

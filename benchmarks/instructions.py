@@ -1,0 +1,193 @@
+"""Instructions per request under valgrind's callgrind: deterministic where CPU time is not.
+
+    python benchmarks/instructions.py [--requests 1000] [--before SRC] [--dsn DSN]
+
+Calls benchmarks/bench_app.py in-process (ASGI calls with its lifespan, no HTTP server),
+``--concurrency`` requests in flight at a time as in overhead.py, under
+``valgrind --tool=callgrind --separate-threads=yes``, twice per configuration and
+endpoint: with WARMUP requests and with WARMUP + ``--requests``. The difference divided
+by ``--requests`` is the instruction count per request, start-up and imports cancelled.
+Reported for the loop thread (every request's work) and for the whole process (the
+record writer, sampler and watchdog threads too: their idle wake-ups follow the wall
+clock, which callgrind slows about fifty-fold, so that column overstates them).
+
+loopwatch's time thresholds (idle gap, long step, loop-wait floor, CPU merge gap, stall
+threshold) are multiplied by ``--scale`` (default 100) inside the measured process, so
+that under callgrind's slowdown the same branches run as in a real server: no step is
+"long", no stall happens. ``--before SRC`` adds, for each configuration other than bare,
+the same with the loopwatch package from SRC (an earlier commit's worktree). A
+PYTHONPATH set outside comes after SRC: point it at another worktree's src to measure a
+commit rather than a working tree that is being edited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+WARMUP = 200
+BEFORE = "@before"
+
+
+def _scale_thresholds(scale: int) -> None:
+    """Multiply loopwatch's time thresholds by ``scale`` (those this version has)."""
+    import importlib
+
+    for module_name, names in (
+        ("loopwatch._capture.loop", ("IDLE_NS", "LONG_NS", "BLOCKED_NS", "MIN_WAIT_NS")),
+        ("loopwatch._capture.trace", ("LONG_NS", "BLOCKED_NS", "MIN_WAIT_NS", "MERGE_GAP_NS")),
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name in names:
+            if hasattr(module, name):
+                setattr(module, name, getattr(module, name) * scale)
+
+
+async def _drive(app: Any, path: str, count: int, concurrency: int) -> None:
+    startup: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    events: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    await events.put({"type": "lifespan.startup"})
+
+    async def lifespan_send(message: Any) -> None:
+        await startup.put(message)
+
+    lifespan_scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    lifespan = asyncio.create_task(app(lifespan_scope, events.get, lifespan_send))
+    started = await startup.get()
+    if started["type"] != "lifespan.startup.complete":
+        raise RuntimeError(f"the app did not start: {started}")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start" and message["status"] != 200:
+            raise RuntimeError(f"{path} answered {message['status']}")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1")],
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+    }
+    todo = list(range(count))
+
+    async def worker() -> None:
+        while todo:
+            todo.pop()
+            await app(dict(scope), receive, send)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await events.put({"type": "lifespan.shutdown"})
+    await lifespan
+
+
+def run_inside(path: str, count: int, concurrency: int, scale: int) -> None:
+    """The measured process: bench_app (configured by BENCH_MODE) driven in-process."""
+    sys.path.insert(0, str(HERE))
+    _scale_thresholds(scale)
+    import bench_app
+
+    asyncio.run(_drive(bench_app.app, path, count, concurrency))
+
+
+def _instructions(out_prefix: str) -> tuple[int, int]:
+    """(loop thread, all threads) from callgrind's per-thread files."""
+    per_thread = []
+    for name in sorted(glob.glob(out_prefix + "*")):
+        text = Path(name).read_text(errors="replace")
+        found = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
+        per_thread.append((name, int(found.group(1)) if found else 0))
+    main = next(n for name, n in per_thread if name.endswith("-01"))
+    return main, sum(n for _, n in per_thread)
+
+
+def measure(
+    label: str, path: str, count: int, args: argparse.Namespace, dsn: str, rec: str
+) -> tuple[int, int]:
+    mode = label.removesuffix(BEFORE)
+    pythonpath = [str(HERE)]
+    if label.endswith(BEFORE):
+        pythonpath.append(os.path.abspath(args.before))
+    if os.environ.get("PYTHONPATH"):  # e.g. a worktree's src for the current side
+        pythonpath.append(os.environ["PYTHONPATH"])
+    env = {
+        **os.environ,
+        "BENCH_MODE": mode,
+        "BENCH_DSN": dsn,
+        "LOOPWATCH_FILE": os.path.join(rec, f"{label}.jsonl"),
+        "LOOPWATCH_STALL_MS": str(100 * args.scale),
+        "PYTHONPATH": os.pathsep.join(pythonpath),
+        "PYTHONHASHSEED": "0",
+    }
+    prefix = os.path.join(rec, f"cg.{label.replace('@', '_')}.{path.strip('/')}.{count}")
+    cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+           f"--callgrind-out-file={prefix}.%p", sys.executable, __file__,
+           "--inside", path, str(count), str(args.concurrency), str(args.scale)]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return _instructions(prefix)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--scale", type=int, default=100)
+    parser.add_argument("--dsn", default=os.environ.get("LOOPWATCH_DSN"))
+    parser.add_argument("--modes", default="bare,loopwatch")
+    parser.add_argument("--endpoints", default="/trivial,/query")
+    parser.add_argument("--before", metavar="SRC", help="also each configuration from SRC")
+    parser.add_argument("--inside", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside:
+        path, count, concurrency, scale = args.inside
+        run_inside(path, int(count), int(concurrency), int(scale))
+        return
+
+    from loopwatch.cli.demo import database
+
+    modes = args.modes.split(",")
+    if args.before:
+        modes = [x for m in modes for x in ([m] if m == "bare" else [m, m + BEFORE])]
+    print(
+        f"instructions per request (callgrind, {args.requests} requests after {WARMUP}, "
+        f"{args.concurrency} in flight)\n"
+    )
+    print(f"{'endpoint':10} {'config':18} {'loop thread':>12} {'all threads':>12}")
+    with (
+        tempfile.TemporaryDirectory(prefix="lwcg-") as rec,
+        database(args.dsn, Path(rec)) as dsn,
+    ):
+        for path in args.endpoints.split(","):
+            for label in modes:
+                lo = measure(label, path, WARMUP, args, dsn, rec)
+                hi = measure(label, path, WARMUP + args.requests, args, dsn, rec)
+                main_k = (hi[0] - lo[0]) / args.requests / 1000
+                all_k = (hi[1] - lo[1]) / args.requests / 1000
+                print(f"{path:10} {label:18} {main_k:10.1f}k {all_k:11.1f}k", flush=True)
+
+
+if __name__ == "__main__":
+    main()
