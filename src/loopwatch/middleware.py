@@ -253,14 +253,7 @@ async def _as_coroutine(awaitable: Any) -> Any:
 
 def _blocked_by(held: Held, overlap_ns: int) -> BlockedBy:
     """Name what held the loop while a request waited (its route, if it still runs)."""
-    other = held.trace
-    ident = method = route = None
-    if other is not None:
-        ident = f"{other.id_prefix}-{other.seq}"
-        method = other.method
-        route = other.route if not other.open else None
-        if route is None:
-            route = _routes.route_template(other.scope, other.root_path)
+    ident, method, route = held.owner()
     return BlockedBy(ident, method, route, overlap_ns // 1000 / 1000, held.cpu_ns // 1000 / 1000)
 
 

@@ -30,6 +30,7 @@ from collections import deque
 from typing import Any
 
 from .. import _failures
+from . import routes as _routes
 
 # Off the CPU for longer than this between two timed steps: the loop may have been idle.
 # Below it: preemption by another thread or the loop's own syscalls, not idleness.
@@ -64,6 +65,17 @@ class Held:
         self.end = end
         self.cpu_ns = cpu_ns
         self.trace = trace
+
+    def owner(self) -> tuple[str | None, str | None, str | None]:
+        """The id, method and route of the request whose step it was (Nones for none);
+        the route as far as it is known while that request still runs."""
+        trace = self.trace
+        if trace is None:
+            return None, None, None
+        route = trace.route if not trace.open else None
+        if route is None:
+            route = _routes.route_template(trace.scope, trace.root_path)
+        return f"{trace.id_prefix}-{trace.seq}", trace.method, route
 
 
 class LoopMonitor:

@@ -29,7 +29,6 @@ from typing import Any
 
 from .. import _failures
 from ..record import Frame, Stall
-from . import routes as _routes
 from .loop import Held, monitor
 
 DEFAULT_STALL_S = 0.1  # asyncio's own slow_callback_duration
@@ -139,13 +138,7 @@ class Watchdog:
         if s_w0 != w0:
             stacks, looks = [], [0, -1]
         trace = held.trace
-        ident = method = route = None
-        if trace is not None:
-            ident = f"{trace.id_prefix}-{trace.seq}"
-            method = trace.method
-            route = trace.route if not trace.open else None
-            if route is None:
-                route = _routes.route_template(trace.scope, trace.root_path)
+        ident, method, route = held.owner()
         stall = Stall(
             time=round(start_s, 6),
             pid=os.getpid(),
