@@ -86,7 +86,6 @@ class LoopMonitor:
         "held",
         "last_c1",
         "last_w1",
-        "run_trace",
         "run_w0",
         "slept",
         "unseen_w0",
@@ -101,7 +100,6 @@ class LoopMonitor:
         # end): unchanged since, the loop thread has not slept of its own accord.
         self.slept = -1
         self.run_w0 = 0  # start of the timed step running now; 0 when none runs
-        self.run_trace: Any = None  # its trace
         # Set by the watchdog: the loop has been stuck since then in work no step timer
         # sees (a callback, a task outside requests), so that gap was not idleness.
         self.unseen_w0 = 0

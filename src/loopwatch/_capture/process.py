@@ -22,7 +22,7 @@ import psutil
 from .. import _failures
 from ..record import ProcessSample
 from .loop import monitor
-from .watchdog import Watchdog
+from .watchdog import Watchdog, thread_cpu_ns
 
 ProcessSink = Callable[[ProcessSample], None]
 
@@ -81,18 +81,14 @@ class ProcessState:
         self.start_lag_probe(loop, dog.probe_interval, dog.probed)
 
     def start_lag_probe(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        interval: float = 0.1,
-        alive: Callable[[], None] | None = None,
+        self, loop: asyncio.AbstractEventLoop, interval: float, alive: Callable[[], None]
     ) -> None:
         """Measure how late the loop runs a callback scheduled ``interval`` ahead: the
         scheduling lag every request on it suffers (any loop: no private hook). Each run
         calls ``alive``: the watchdog's sign of life."""
 
         def probe(expected: float) -> None:
-            if alive is not None:
-                alive()
+            alive()
             now = loop.time()
             lag = max(0.0, now - expected)
             if lag > self._lag_max:
@@ -118,7 +114,7 @@ class ProcessState:
                 if self.loop_thread is not None:
                     if clock_thread != self.loop_thread:
                         clock_thread, last_cpu = self.loop_thread, None
-                    cpu = _thread_cpu_ns(clock_thread)
+                    cpu = thread_cpu_ns(clock_thread)
                     if cpu is not None and last_cpu is not None and now > last_wall:
                         busy = min(1.0, max(0.0, (cpu - last_cpu) / ((now - last_wall) * 1e9)))
                     last_cpu = cpu
@@ -157,15 +153,6 @@ def _memory(proc: psutil.Process) -> tuple[int | None, int | None]:
             return int(proc.memory_info().rss), None
         except (psutil.Error, OSError):
             return None, None
-
-
-def _thread_cpu_ns(thread_ident: int) -> int | None:
-    # The loop thread's own CPU clock: busy share works the same on asyncio and uvloop,
-    # with no private hook into either loop.
-    try:
-        return time.clock_gettime_ns(time.pthread_getcpuclockid(thread_ident))
-    except (AttributeError, OSError):
-        return None
 
 
 def _dropped() -> int:

@@ -81,7 +81,8 @@ class Trace:
         self.method = method
         self.path = path
         self.status: int | None = None
-        # route, error, rss, id_prefix, seq, pid and end_ns are set when the request ends.
+        # id_prefix, seq and scope are set as the request starts; route, error, rss, pid
+        # and end_ns when it ends.
         self.open = True
         self.otel: Any = None  # the request's OpenTelemetry spans, when they are on
         self.cpu_ns = 0
@@ -114,7 +115,6 @@ class Trace:
         m = monitor
         m.gap(w0, c0)
         m.run_w0 = w0
-        m.run_trace = self
         busy = m.busy_w0
         lw0 = self.last_w1 if self.last_w1 > busy else busy
         if w0 - lw0 < MIN_WAIT_NS:

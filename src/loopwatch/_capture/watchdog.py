@@ -241,7 +241,7 @@ class Watchdog:
         self.stuck = False
         ends = [t for t in (self.revived, m.run_w0, m.last_w1, self.probe_w) if t > start_w]
         end_w = min(ends) if ends else perf_counter_ns()
-        cpu = _thread_cpu_ns(self.loop_thread)
+        cpu = thread_cpu_ns(self.loop_thread)
         cpu_ns = 0 if cpu is None else min(max(cpu - start_c, 0), end_w - start_w)
         stall = Stall(
             time=round(time.time() - (perf_counter_ns() - start_w) / 1e9, 6),
@@ -282,7 +282,9 @@ def _cause(looks: list[int], cpu_ns: int, wall_ns: int) -> str:
 stall_listeners: list[Any] = []
 
 
-def _thread_cpu_ns(thread_ident: int) -> int | None:
+def thread_cpu_ns(thread_ident: int) -> int | None:
+    """Another thread's CPU clock (the loop thread's, read from the sampler or the
+    watchdog): the same on asyncio and uvloop, with no hook into either loop."""
     try:
         return time.clock_gettime_ns(time.pthread_getcpuclockid(thread_ident))
     except (AttributeError, OSError):
