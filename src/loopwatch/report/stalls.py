@@ -85,25 +85,23 @@ class LoopAcc:
     def _location(self, frame: Frame | None) -> int:
         if frame is not None:
             frame = (clean(frame[0], 300), frame[1], clean(frame[2]), frame[3])
-        i = self._loc_index.get(frame)
-        if i is None:
-            if len(self.locations) >= MAX_LOCATIONS:
-                frame = OTHER_LOCATION
-                i = self._loc_index.get(frame)
-            if i is None:
-                i = self._loc_index[frame] = len(self.locations)
-                self.locations.append(frame)
-        return i
+        return _intern(frame, self._loc_index, self.locations, MAX_LOCATIONS, OTHER_LOCATION)
 
     def _route(self, route: str | None) -> int:
         if route is not None:
             route = clean(route)
-        i = self._route_index.get(route)
+        return _intern(route, self._route_index, self.routes, MAX_STALL_ROUTES, OTHER_ROUTE)
+
+
+def _intern(value: Any, index: dict[Any, int], values: list[Any], cap: int, other: Any) -> int:
+    """The position of ``value`` in ``values``, added once; past ``cap`` distinct values
+    the rest share ``other``."""
+    i = index.get(value)
+    if i is None:
+        if len(values) >= cap:
+            value = other
+            i = index.get(value)
         if i is None:
-            if len(self.routes) >= MAX_STALL_ROUTES:
-                route = OTHER_ROUTE
-                i = self._route_index.get(route)
-            if i is None:
-                i = self._route_index[route] = len(self.routes)
-                self.routes.append(route)
-        return i
+            i = index[value] = len(values)
+            values.append(value)
+    return i
