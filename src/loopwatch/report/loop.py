@@ -37,11 +37,13 @@ class StallGroup:
     routes: tuple[str | None, ...]
     delayed_requests: int
     delayed_ms: float
+    cpu_bound: int  # stalls whose line says they computed (cause "cpu")
 
     @property
     def cause(self) -> str:
-        """``"cpu"`` when the loop thread computed for most of the time, else ``"blocked"``."""
-        return "cpu" if self.cpu_ms >= self.total_ms / 2 else "blocked"
+        """``"cpu"`` when most of its stalls computed, else ``"blocked"``: the stall lines'
+        own word, which the watchdog took from the thread's state while it stalled."""
+        return "cpu" if 2 * self.cpu_bound >= self.count else "blocked"
 
     @property
     def where(self) -> str:
@@ -137,9 +139,11 @@ def _groups(acc: LoopAcc, first: float, last: float) -> list[StallGroup]:
                 "routes": set(),
                 "who": set(),
                 "ms": 0.0,
+                "cpu_bound": 0,
             },
         )
         g["n"] += 1
+        g["cpu_bound"] += acc.stall_cpu_bound[i]
         g["total"] += ms
         g["max"] = max(g["max"], ms)
         g["cpu"] += acc.stall_cpu[i]
@@ -165,6 +169,7 @@ def _groups(acc: LoopAcc, first: float, last: float) -> list[StallGroup]:
             routes=tuple(acc.routes[r] for r in sorted(g["routes"])),
             delayed_requests=len(g["who"]),
             delayed_ms=g["ms"],
+            cpu_bound=g["cpu_bound"],
         )
         for loc, g in groups.items()
     ]

@@ -34,6 +34,7 @@ class LoopAcc:
     stall_time: array[float] = field(default_factory=lambda: array("d"))
     stall_ms: array[float] = field(default_factory=lambda: array("d"))
     stall_cpu: array[float] = field(default_factory=lambda: array("d"))  # ms
+    stall_cpu_bound: array[int] = field(default_factory=lambda: array("b"))  # its cause
     stall_pid: array[int] = field(default_factory=lambda: array("q"))
     stall_loc: array[int] = field(default_factory=lambda: array("I"))  # into locations
     stall_route: array[int] = field(default_factory=lambda: array("I"))  # into routes
@@ -58,6 +59,7 @@ class LoopAcc:
         self.stall_time.append(s.time)
         self.stall_ms.append(s.duration_ms)
         self.stall_cpu.append(s.cpu_ms)
+        self.stall_cpu_bound.append(s.cause == "cpu")
         self.stall_pid.append(s.pid)
         self.stall_loc.append(self._location(s.location))
         self.stall_route.append(self._route(s.route))
