@@ -39,20 +39,18 @@ BEFORE = "@before"
 
 
 def _scale_thresholds(scale: int) -> None:
-    """Multiply loopwatch's time thresholds by ``scale`` (those this version has)."""
+    """Multiply loopwatch's time thresholds (the ``*_NS`` constants of the capture
+    modules this version has) by ``scale``."""
     import importlib
 
-    for module_name, names in (
-        ("loopwatch._capture.loop", ("IDLE_NS", "LONG_NS", "BLOCKED_NS", "MIN_WAIT_NS")),
-        ("loopwatch._capture.trace", ("LONG_NS", "BLOCKED_NS", "MIN_WAIT_NS", "MERGE_GAP_NS")),
-    ):
+    for module_name in ("loop", "trace", "steps"):
         try:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(f"loopwatch._capture.{module_name}")
         except ImportError:
             continue
-        for name in names:
-            if hasattr(module, name):
-                setattr(module, name, getattr(module, name) * scale)
+        for name, value in list(vars(module).items()):
+            if name.isupper() and name.endswith("_NS") and type(value) is int:
+                setattr(module, name, value * scale)
 
 
 async def _drive(app: Any, path: str, count: int, concurrency: int) -> None:

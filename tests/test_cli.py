@@ -324,7 +324,9 @@ def test_demo_blocking_records_stalls_at_the_demo_apps_blocking_lines(
     for stall in stalls:
         assert stall.location is not None, stall
         assert stall.location[:2] == expected[stall.route or ""], stall
-        assert stall.duration_ms >= 140
+        # Each block is calibrated to 150 ms of CPU; a calibration on a busy core may
+        # come out shorter, never below the 100 ms stall threshold it is recorded at.
+        assert stall.duration_ms >= 100
         # (The hash's cause is "cpu" only while its core is not shared with other work.)
         if stall.route == "/sleep/{item_id}":
             assert stall.cause == "blocked"

@@ -41,6 +41,10 @@ LONG_NS = 1_000_000
 BLOCKED_NS = 5_000_000
 # Loop waits shorter than this are the loop's own cost of resuming a task: not counted.
 MIN_WAIT_NS = 50_000
+# Loop waits shorter than this are counted (in loop_wait_ms, and taken out of db_ms and
+# pool_wait_ms) but not drawn: no segment of their own, no split of a db or pool one. A
+# timeline column is wider at any usual width, and most waits under load are this short.
+SEGMENT_NS = 1_000_000
 RING = 256
 
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)  # Linux

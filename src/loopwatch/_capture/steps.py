@@ -17,6 +17,7 @@ from time import perf_counter_ns, thread_time_ns
 from types import TracebackType
 from typing import Any
 
+from .loop import IDLE_NS, LONG_NS, MIN_WAIT_NS, monitor
 from .trace import IDLE, Trace, current
 
 
@@ -35,7 +36,20 @@ class StepTimer(Coroutine[Any, Any, Any]):
             return self._coro.send(value)
         trace.step_w0 = w0 = perf_counter_ns()
         trace.step_c0 = c0 = thread_time_ns()
-        trace.begin_step(w0, c0)
+        # Trace.begin_step inlined, its common case without a call: the loop was neither
+        # off the CPU nor held by untimed work since the last step, and this request did
+        # not wait for it.
+        m = monitor
+        dw = w0 - m.last_w1
+        off = dw - (c0 - m.last_c1)
+        if off > IDLE_NS or off < -IDLE_NS or dw >= LONG_NS:
+            m.gap(w0, c0)
+        m.run_w0 = w0
+        lw0 = trace.last_w1
+        if m.busy_w0 > lw0:
+            lw0 = m.busy_w0
+        if w0 - lw0 >= MIN_WAIT_NS:
+            trace.waited(lw0, w0)
         try:
             return self._coro.send(value)
         finally:

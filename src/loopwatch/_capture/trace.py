@@ -12,7 +12,7 @@ from time import perf_counter_ns, thread_time_ns
 from typing import Any
 
 from ..record import BlockedBy, RequestRecord, request_line
-from .loop import BLOCKED_NS, LONG_NS, MIN_WAIT_NS, Held, monitor
+from .loop import BLOCKED_NS, LONG_NS, MIN_WAIT_NS, SEGMENT_NS, Held, monitor
 
 current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
 
@@ -111,18 +111,22 @@ class Trace:
         self.loop: list[int] = []
 
     def begin_step(self, w0: int, c0: int) -> None:
-        """A step of this request starts at ``w0``/``c0``: account the loop wait before it."""
+        """A step of this request starts at ``w0``/``c0``: account the loop wait before it.
+        (``StepTimer.send`` runs the same inline.)"""
         m = monitor
         m.gap(w0, c0)
         m.run_w0 = w0
         busy = m.busy_w0
         lw0 = self.last_w1 if self.last_w1 > busy else busy
-        if w0 - lw0 < MIN_WAIT_NS:
-            return
-        self.loop_ns += w0 - lw0
-        self.add(self.loop, lw0, w0)
-        if w0 - lw0 >= BLOCKED_NS:
-            held, overlap = m.holder(lw0, w0)
+        if w0 - lw0 >= MIN_WAIT_NS:
+            self.waited(lw0, w0)
+
+    def waited(self, start: int, end: int) -> None:
+        """The request could have resumed at ``start`` but the loop was busy until ``end``."""
+        self.loop_ns += end - start
+        self.add(self.loop, start, end)
+        if end - start >= BLOCKED_NS:
+            held, overlap = monitor.holder(start, end)
             if overlap > self.blocked_ns:
                 self.blocker, self.blocked_ns = held, overlap
 
@@ -174,14 +178,21 @@ class Trace:
         spans = [(cpu[i], "cpu", cpu[i + 1]) for i in range(0, len(cpu), 2)]
         db_ns = pool_ns = 0
         loop = self.loop
-        if self.db or self.pool or loop:
+        if self.db or self.pool:
             start, end = self.start_ns, self.end_ns
             # Loop waits are disjoint and in time order (each starts after the request's
             # previous step); the part of a db or pool interval inside one is loop wait.
             holes = list(zip(loop[::2], loop[1::2], strict=True))
-            spans.extend((a, "loop", b) for a, b in holes)
+            spans.extend((a, "loop", b) for a, b in holes if b - a >= SEGMENT_NS)
             db_ns = _union(self.db, start, end, "db", spans, holes)
             pool_ns = _union(self.pool, start, end, "pool", spans, holes)
+            spans.sort()
+        elif loop:
+            spans.extend(
+                (loop[i], "loop", loop[i + 1])
+                for i in range(0, len(loop), 2)
+                if loop[i + 1] - loop[i] >= SEGMENT_NS
+            )
             spans.sort()
         return db_ns, pool_ns, spans
 
@@ -281,13 +292,18 @@ def _union(
 def _emit(
     a: int, b: int, kind: str, out: list[tuple[int, str, int]], holes: list[tuple[int, int]]
 ) -> int:
-    """Append ``a``-``b`` less the (sorted, disjoint) ``holes`` to ``out``; its length."""
+    """Append ``a``-``b`` less the (sorted, disjoint) ``holes`` to ``out``; its length.
+    A hole shorter than SEGMENT_NS is taken out of the length but does not split the
+    segment: it is not drawn."""
     total = 0
     for h0, h1 in holes:
         if h1 <= a:
             continue
         if h0 >= b:
             break
+        if h1 - h0 < SEGMENT_NS:
+            total -= min(h1, b) - max(h0, a)
+            continue
         if h0 > a:
             out.append((a, kind, h0))
             total += h0 - a

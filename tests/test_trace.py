@@ -1,0 +1,57 @@
+"""The trace's interval arithmetic: db and pool time less loop wait, and what is drawn."""
+
+from __future__ import annotations
+
+from loopwatch._capture.loop import SEGMENT_NS
+from loopwatch._capture.trace import Trace
+from loopwatch.record import RequestRecord
+
+MS = 1_000_000
+
+
+def _trace(end_ms: float) -> Trace:
+    trace = Trace(0.0, 0, "GET", "/")
+    trace.end_ns = int(end_ms * MS)
+    return trace
+
+
+def test_a_short_loop_wait_is_taken_out_of_db_time_but_not_drawn() -> None:
+    trace = _trace(12)
+    trace.add(trace.db, 1 * MS, 11 * MS)
+    trace.waited(2 * MS, int(2.3 * MS))  # 0.3 ms: counted, not drawn
+    trace.waited(5 * MS, 7 * MS)  # 2 ms: counted and drawn
+    db_ns, pool_ns, spans = trace.spans()
+    assert trace.loop_ns == int(2.3 * MS)
+    assert db_ns == 10 * MS - int(2.3 * MS)
+    assert pool_ns == 0
+    assert spans == [(1 * MS, "db", 5 * MS), (5 * MS, "loop", 7 * MS), (7 * MS, "db", 11 * MS)]
+
+
+def test_loop_waits_outside_db_time_are_drawn_from_segment_ns() -> None:
+    trace = _trace(10)
+    trace.waited(1 * MS, 1 * MS + SEGMENT_NS - 1)
+    trace.waited(4 * MS, 4 * MS + SEGMENT_NS)
+    assert trace.spans() == (0, 0, [(4 * MS, "loop", 4 * MS + SEGMENT_NS)])
+    assert trace.loop_ns == 2 * SEGMENT_NS - 1
+
+
+def test_overlapping_queries_count_once_and_lose_each_wait_once() -> None:
+    trace = _trace(20)
+    trace.add(trace.db, 1 * MS, 9 * MS)
+    trace.add(trace.db, 3 * MS, 12 * MS)  # gather: overlaps the first
+    trace.add(trace.pool, 0, 1 * MS)
+    trace.waited(int(0.5 * MS), int(0.6 * MS))  # in the pool wait, short
+    trace.waited(8 * MS, int(8.5 * MS))  # in both queries, short
+    db_ns, pool_ns, spans = trace.spans()
+    assert db_ns == 11 * MS - int(0.5 * MS)
+    assert pool_ns == 1 * MS - int(0.1 * MS)
+    assert spans == [(0, "pool", 1 * MS), (1 * MS, "db", 12 * MS)]
+    record = trace_record(trace)
+    assert (record.db_ms, record.pool_wait_ms, record.loop_wait_ms) == (10.5, 0.9, 0.6)
+
+
+def trace_record(trace: Trace) -> RequestRecord:
+    trace.id_prefix, trace.seq, trace.pid = "t", 1, 1
+    trace.route = trace.error = None
+    trace.rss = None
+    return trace.to_record()
