@@ -193,12 +193,12 @@ if "only" in _ablate:
     loopwatch.middleware.LoopWatch.__call__ = _only  # type: ignore[method-assign]
 
 # Issue 8's per-step work (loop wait, who held the loop), a part at a time: "begin" the
-# loop-wait accounting at each step's start (and so the loop segments it adds to the
-# record), "gap" only the monitor's idle-gap test in it.
+# loop-wait accounting of a request that waited (and so the loop segments it adds to the
+# record), "gap" the monitor's idle-gap test at a step's start.
 if "begin" in _ablate:
     import loopwatch._capture.trace
 
-    loopwatch._capture.trace.Trace.begin_step = lambda self, w0, c0: None  # type: ignore[method-assign]
+    loopwatch._capture.trace.Trace.waited = lambda self, start, end: None  # type: ignore[method-assign]
 if "gap" in _ablate:
     import loopwatch._capture.loop
 

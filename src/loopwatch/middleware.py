@@ -219,6 +219,10 @@ class LoopWatch:
             trace.route = _routes.route_template(scope, root_path)
             if trace.blocker is not None:
                 trace.blocked_by = _blocked_by(trace.blocker, trace.blocked_ns)
+            # Let go of what only a running request needs: the scope (its headers and
+            # state) and the trace of its blocker would otherwise live until the writer
+            # thread takes this trace, and along a chain of blockers, longer.
+            trace.scope = trace.blocker = None
             for trace_sink in self._trace_sinks:
                 trace_sink(trace)
             metrics = self._metrics

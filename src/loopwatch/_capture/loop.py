@@ -76,9 +76,10 @@ class Held:
         trace = self.trace
         if trace is None:
             return None, None, None
-        route = trace.route if not trace.open else None
-        if route is None:
+        if trace.open:  # its scope is let go of when it ends
             route = _routes.route_template(trace.scope, trace.root_path)
+        else:
+            route = trace.route
         return f"{trace.id_prefix}-{trace.seq}", trace.method, route
 
 
@@ -145,7 +146,7 @@ class LoopMonitor:
     def holder(self, start: int, end: int) -> tuple[Held | None, int]:
         """The long stretch that overlaps ``start``-``end`` most, and by how much (ns)."""
         best, most = None, 0
-        for h in reversed(list(self.held)):  # list(): a snapshot, whatever other threads do
+        for h in reversed(self.held):  # (only the loop thread adds to it)
             if h.end <= start:
                 break
             overlap = min(h.end, end) - max(h.start, start)
