@@ -76,10 +76,8 @@ class Held:
         trace = self.trace
         if trace is None:
             return None, None, None
-        if trace.open:  # its scope is let go of when it ends
-            route = _routes.route_template(trace.scope, trace.root_path)
-        else:
-            route = trace.route
+        # (A request lets go of its scope when it ends.)
+        route = _routes.route_template(trace.scope, trace.root_path) if trace.open else trace.route
         return f"{trace.id_prefix}-{trace.seq}", trace.method, route
 
 
