@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from loopwatch._capture.loop import SEGMENT_NS
 from loopwatch._capture.trace import Trace
 from loopwatch.record import RequestRecord
@@ -24,7 +26,13 @@ def test_a_short_loop_wait_is_taken_out_of_db_time_but_not_drawn() -> None:
     assert trace.loop_ns == int(2.3 * MS)
     assert db_ns == 10 * MS - int(2.3 * MS)
     assert pool_ns == 0
-    assert spans == [(1 * MS, "db", 5 * MS), (5 * MS, "loop", 7 * MS), (7 * MS, "db", 11 * MS)]
+    # the short wait shortens the piece it falls in; the pieces add up to db_ns
+    short = int(0.3 * MS)
+    assert spans == [
+        (1 * MS, "db", 5 * MS - short),
+        (5 * MS, "loop", 7 * MS),
+        (7 * MS, "db", 11 * MS),
+    ]
 
 
 def test_loop_waits_outside_db_time_are_drawn_from_segment_ns() -> None:
@@ -45,7 +53,7 @@ def test_overlapping_queries_count_once_and_lose_each_wait_once() -> None:
     db_ns, pool_ns, spans = trace.spans()
     assert db_ns == 11 * MS - int(0.5 * MS)
     assert pool_ns == 1 * MS - int(0.1 * MS)
-    assert spans == [(0, "pool", 1 * MS), (1 * MS, "db", 12 * MS)]
+    assert spans == [(0, "pool", int(0.9 * MS)), (1 * MS, "db", int(11.5 * MS))]
     record = trace_record(trace)
     assert (record.db_ms, record.pool_wait_ms, record.loop_wait_ms) == (10.5, 0.9, 0.6)
 
@@ -55,3 +63,23 @@ def trace_record(trace: Trace) -> RequestRecord:
     trace.route = trace.error = None
     trace.rss = None
     return trace.to_record()
+
+
+def test_db_and_pool_segments_add_up_to_their_totals() -> None:
+    rng = random.Random(5)
+    for _ in range(500):
+        trace = _trace(100)
+        now = 0
+        for _ in range(rng.randint(0, 8)):  # loop waits: disjoint, in time order
+            now += rng.randint(0, 10 * MS)
+            length = rng.choice([rng.randint(50_000, SEGMENT_NS - 1), rng.randint(0, 5 * MS)])
+            trace.waited(now, now + length)
+            now += length
+        for kind in (trace.db, trace.pool):
+            for _ in range(rng.randint(1, 4)):
+                a = rng.randint(0, 90 * MS)
+                trace.add(kind, a, a + rng.randint(0, 20 * MS))
+        db_ns, pool_ns, spans = trace.spans()
+        assert sum(b - a for a, k, b in spans if k == "db") == db_ns
+        assert sum(b - a for a, k, b in spans if k == "pool") == pool_ns
+        assert all(b > a for a, _, b in spans)

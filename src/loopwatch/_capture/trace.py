@@ -293,22 +293,26 @@ def _emit(
     a: int, b: int, kind: str, out: list[tuple[int, str, int]], holes: list[tuple[int, int]]
 ) -> int:
     """Append ``a``-``b`` less the (sorted, disjoint) ``holes`` to ``out``; its length.
-    A hole shorter than SEGMENT_NS is taken out of the length but does not split the
-    segment: it is not drawn."""
-    total = 0
+    A hole shorter than SEGMENT_NS does not split the segment (it is not drawn): the
+    piece it falls in ends that much earlier instead, so the pieces still add up to the
+    length."""
+    total = cut = 0
     for h0, h1 in holes:
         if h1 <= a:
             continue
         if h0 >= b:
             break
         if h1 - h0 < SEGMENT_NS:
-            total -= min(h1, b) - max(h0, a)
+            cut += min(h1, b) - max(h0, a)
             continue
-        if h0 > a:
-            out.append((a, kind, h0))
-            total += h0 - a
+        if h0 - cut > a:
+            out.append((a, kind, h0 - cut))
+            total += h0 - cut - a
+        cut = 0
         a = max(a, h1)
         if a >= b:
             return total
-    out.append((a, kind, b))
-    return total + b - a
+    if b - cut > a:
+        out.append((a, kind, b - cut))
+        total += b - cut - a
+    return total
