@@ -593,6 +593,25 @@ async def test_pool_wait_is_recorded_apart_from_db_time(
         assert 100 - CLOCK_SLACK_MS <= rec.db_ms < 100 + 60, rec
 
 
+async def test_connections_in_use_at_most_are_counted_for_the_process_samples(
+    pg_dsn: str,
+) -> None:
+    import gc
+
+    from loopwatch._capture import process
+
+    gc.collect()  # other tests' pools: only those still referenced count, and stay
+    used0, size0 = (n or 0 for n in process._connections())
+    async with create_pool(pg_dsn, min_size=1, max_size=3) as p:
+        assert process._connections() == (used0, size0 + 3)
+        # Eight queries at once on a pool of three: never more than three in use.
+        await asyncio.gather(*(p.fetchval("SELECT pg_sleep(0.05)") for _ in range(8)))
+        c = await p.acquire()  # and by await acquire / release, the other path
+        await p.release(c)
+        assert (p._lw_used, p._lw_used_max) == (0, 3)
+        assert process._connections() == (used0 + 3, size0 + 3)
+
+
 # --- 4. API compatibility --------------------------------------------------------------------
 
 

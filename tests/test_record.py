@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -118,6 +119,8 @@ def test_meta_and_process_round_trip() -> None:
         time=3.0, pid=1, rss_bytes=10, uss_bytes=8, in_flight=2, loop_busy=0.5, requests=7
     )
     assert parse_line(sample.to_json()) == sample
+    pooled = replace(sample, db_connections_used_max=4, db_connections_max=15)
+    assert parse_line(pooled.to_json()) == pooled
 
 
 def test_unknown_types_and_fields_are_ignored() -> None:
@@ -148,6 +151,10 @@ def _request(**changes: Any) -> dict[str, Any]:
         (json.dumps({k: v for k, v in _request().items() if k != "path"}), "'path' is missing"),
         ('{"type": "meta", "version": 99, "pid": 1, "started": 1}', "version 99"),
         ('{"type": "process", "time": 1, "pid": 1, "loop_busy": 7}', "'loop_busy'"),
+        (
+            '{"type": "process", "time": 1, "pid": 1, "db_connections_used_max": -1}',
+            "'db_connections_used_max' must not be negative",
+        ),
     ],
 )
 def test_bad_lines_get_a_clear_error(line: str, message: str) -> None:

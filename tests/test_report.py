@@ -275,6 +275,17 @@ def test_capacity_on_known_memory(tmp_path: Path) -> None:
     )
     report = report_of(path)
     cap = report.to_json()["capacity"]
+    assert cap["sync_workers_no_queueing"] == 10
+    assert cap["sync_workers_no_queueing_p95"] == 9
+    assert cap["sync_worker_rss_bytes"] == 30 * MB
+    assert cap["sync_worker_uss_bytes"] == 10 * MB
+    assert cap["sync_preload"] is False
+    # each worker imports the app: one whole process, then its unique memory per worker
+    assert cap["sync_bytes_no_queueing"] == 30 * MB + 9 * 10 * MB
+    assert cap["async_processes"] == 1
+    assert cap["async_bytes"] == 52 * MB
+    assert cap["async_uss_bytes"] == 25 * MB
+    # deprecated keys, kept for one release with their old meaning
     assert cap["sync_workers_peak"] == 10
     assert cap["sync_workers_p95"] == 9
     assert cap["worker_rss_bytes"] == 30 * MB
@@ -282,26 +293,72 @@ def test_capacity_on_known_memory(tmp_path: Path) -> None:
     assert cap["sync_bytes_peak"] == 300 * MB
     assert cap["sync_bytes_p95"] == 270 * MB
     assert cap["sync_shared_bytes_peak"] == 30 * MB + 9 * 10 * MB
-    assert cap["async_processes"] == 1
-    assert cap["async_bytes"] == 52 * MB
     assert cap["sync_to_async_memory"] == round(300 / 52, 2)
-    text = render_capacity(report, 100)
-    assert f"SYNC  (one request per worker):   10 workers {X} ~30 MB = ~300 MB" in text
-    assert "(p95: 9 workers, ~270 MB)" in text
-    assert f"~30 MB + 9 {X} 10 MB unique (USS) = ~120 MB" in text
-    assert f"ASYNC (this process, measured):    1 process {X} 52 MB" in text
+
+
+def test_capacity_of_a_burst_on_a_fixed_pool(tmp_path: Path) -> None:
+    # 100 requests at once, 50 ms in the database each, a pool of 15: the k-th waited
+    # k // 15 rounds for a connection. Sync workers with no pool wait match its p95
+    # (350 ms) from 14 workers and its 350 ms of busy time from 15 (tests/test_queueing).
+    burst = [
+        req(0.0, 50.0 + 50.0 * (k // 15), db_ms=50.0, pool_wait_ms=50.0 * (k // 15), n=k)
+        for k in range(100)
+    ]
+    busiest = ProcessSample(
+        time=T0 + 0.5,
+        pid=1,
+        rss_bytes=42 * MB,
+        uss_bytes=26 * MB,
+        in_flight=100,
+        loop_busy=0.25,
+        db_connections_used_max=15,
+        db_connections_max=15,
+    )
+    path = write(tmp_path / "r.jsonl", [meta(), sample(1, 40 * MB, 25 * MB), *burst, busiest])
+    report = report_of(path)
+    cap = report.to_json()["capacity"]
+    assert cap["sync_workers_same_latency"] == 14
+    assert cap["sync_workers_same_throughput"] == 15
+    assert cap["sync_workers_no_queueing"] == 100
+    assert cap["async_p95_ms"] == 350.0
+    assert cap["async_throughput_rps"] == round(100 / 0.35, 3)
+    assert cap["sync_bytes_same_latency"] == 40 * MB + 13 * 25 * MB
+    assert cap["loop_busy_max"] == 0.25
+    assert cap["loop_headroom"] == 4.0
+    assert cap["db_connections_used_max"] == 15
+    assert cap["db_connections_max"] == 15
+    assert render_capacity(report, 100) == (
+        "Capacity: sync workers (one request at a time each) for this traffic\n"
+        "  SYNC  same p95 latency (350.0ms):     14 workers  ~365 MB\n"
+        "        same throughput (286 req/s):    15 workers  ~390 MB\n"
+        "        no request ever queuing:       100 workers  (the most in flight at once;"
+        " p95: 100)\n"
+        "  ASYNC measured:                        1 process  42 MB\n"
+        "  Sync memory: each worker imports the app (no --preload): 40 MB for the first, 25 MB"
+        " unique (USS)\n"
+        "    for each further one; forked after --preload they share more.\n"
+        "  Async side: at most 15 of its 15 pooled database connections were in use at once;"
+        " its loop was\n"
+        f"    busy at most 25% of a sample, so one process takes ~4.0{X} this traffic before"
+        " its loop is busy\n"
+        "    all the time (the database permitting).\n"
+    )
 
 
 def test_capacity_without_memory_says_so(tmp_path: Path) -> None:
     report = report_of(record_file(tmp_path, overlapping()))
-    assert report.to_json()["capacity"]["sync_bytes_peak"] is None
-    assert "memory was not measured" in render_capacity(report, 100)
+    cap = report.to_json()["capacity"]
+    assert cap["sync_bytes_same_latency"] is None
+    assert cap["sync_bytes_peak"] is None
+    text = render_capacity(report, 100)
+    assert "ASYNC measured:" in text
+    assert "memory not measured" in text
 
 
 def test_request_rss_is_used_when_there_are_no_process_samples(tmp_path: Path) -> None:
     records = [req(0, 10, rss=40 * MB), req(1, 10, rss=45 * MB)]
     cap = report_of(record_file(tmp_path, records)).to_json()["capacity"]
-    assert cap["worker_rss_bytes"] == 40 * MB
+    assert cap["sync_worker_rss_bytes"] == 40 * MB
     assert cap["async_bytes"] == 45 * MB
 
 

@@ -227,6 +227,10 @@ class ProcessSample:
     dropped: int = 0
     errors: int = 0
     loop_lag_ms: float | None = None
+    # The most database connections checked out of the process's instrumented pools at
+    # once so far, and the pools' maximum sizes added up (None: no instrumented pool).
+    db_connections_used_max: int | None = None
+    db_connections_max: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,6 +246,8 @@ class ProcessSample:
             "dropped": self.dropped,
             "errors": self.errors,
             "loop_lag_ms": self.loop_lag_ms,
+            "db_connections_used_max": self.db_connections_used_max,
+            "db_connections_max": self.db_connections_max,
             **self.extra,
         }
 
@@ -266,6 +272,8 @@ class ProcessSample:
             dropped=_count(d, "dropped", 0),
             errors=_count(d, "errors", 0),
             loop_lag_ms=None if d.get("loop_lag_ms") is None else _ms(d, "loop_lag_ms"),
+            db_connections_used_max=_opt_count(d, "db_connections_used_max"),
+            db_connections_max=_opt_count(d, "db_connections_max"),
         )
 
 
@@ -501,6 +509,10 @@ def _int(d: dict[str, Any], key: str, default: int | None = None) -> int:
 
 def _opt_int(d: dict[str, Any], key: str) -> int | None:
     return None if d.get(key) is None else _int(d, key)
+
+
+def _opt_count(d: dict[str, Any], key: str) -> int | None:
+    return None if d.get(key) is None else _count(d, key)
 
 
 def _count(d: dict[str, Any], key: str, default: int | None = None) -> int:

@@ -25,6 +25,10 @@ from .loop import monitor
 from .watchdog import Watchdog, thread_cpu_ns
 
 ProcessSink = Callable[[ProcessSample], None]
+# Called by the sampler thread: (most connections in use at once, pool sizes) of a kind
+# of instrumented pool, or None while there is none.
+ConnectionSource = Callable[[], "tuple[int, int] | None"]
+connection_sources: list[ConnectionSource] = []  # one per integration, added at its import
 
 # With nothing happening, a sample is still written this often, so a reader can tell an
 # idle process from a dead one without the file growing by two lines a second.
@@ -126,6 +130,7 @@ class ProcessState:
                 if not active and now - last_emit < _IDLE_EVERY_S:
                     continue
                 last_requests, last_emit = self.requests, now
+                used, size = _connections()
                 sample = ProcessSample(
                     time=round(time.time(), 6),
                     pid=self.pid,
@@ -135,6 +140,8 @@ class ProcessState:
                     loop_busy=None if busy is None else round(busy, 4),
                     loop_lag_ms=None if self.loop_lag is None else round(self.loop_lag * 1000, 3),
                     requests=self.requests,
+                    db_connections_used_max=used,
+                    db_connections_max=size,
                     dropped=_dropped(),
                     errors=_failures.total(),
                 )
@@ -142,6 +149,17 @@ class ProcessState:
                     sink(sample)
             except Exception as exc:
                 _failures.failed("process sampler", exc)
+
+
+def _connections() -> tuple[int | None, int | None]:
+    """The instrumented pools' most connections in use at once, and their sizes, added up."""
+    used = size = None
+    for source in list(connection_sources):
+        got = source()
+        if got is not None:
+            used = got[0] + (used or 0)
+            size = got[1] + (size or 0)
+    return used, size
 
 
 def _memory(proc: psutil.Process) -> tuple[int | None, int | None]:

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import asyncpg.connection
 
+from .._capture import process as _process
 from .._capture.trace import current
 
 # asyncpg's Connection answers isinstance() for subclasses of this marker class, which is
@@ -284,6 +285,7 @@ class _Acquire:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         # Release awaits asyncpg's connection reset: database time, not a query.
+        self._pool._lw_used -= 1
         await _timed(self._ctx.__aexit__(*exc_info), count=_NEVER)
 
     def __await__(self) -> Generator[Any, None, InstrumentedConnection]:
@@ -297,6 +299,9 @@ class _Acquire:
             connection = await _timed(acquiring, pool=True, count=_NEVER)
         finally:
             pool._lw_pending -= 1
+        pool._lw_used = used = pool._lw_used + 1
+        if used > pool._lw_used_max:
+            pool._lw_used_max = used
         for listener in acquire_listeners:
             listener(pool, (perf_counter_ns() - t0) / 1e9)
         return InstrumentedConnection(connection)
@@ -315,12 +320,14 @@ class InstrumentedPool(_Proxy):
     """An asyncpg pool whose acquires and queries are timed. Await it (or ``async with``
     it) to initialise it, as with ``asyncpg.create_pool``."""
 
-    __slots__ = ("__weakref__", "_lw_inner", "_lw_name", "_lw_pending")
+    __slots__ = ("__weakref__", "_lw_inner", "_lw_name", "_lw_pending", "_lw_used", "_lw_used_max")
 
     def __init__(self, pool: Any, name: str | None = None) -> None:
         self._lw_inner = pool
         self._lw_name = name or f"asyncpg-{next(_pool_numbers)}"
         self._lw_pending = 0  # acquires waiting now
+        self._lw_used = 0  # connections acquired through this proxy and not released
+        self._lw_used_max = 0  # the most at once
         pools.add(self)
 
     @property
@@ -334,6 +341,7 @@ class InstrumentedPool(_Proxy):
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
         if isinstance(connection, InstrumentedConnection):
             connection = connection._lw_inner
+        self._lw_used -= 1
         await _timed(self._lw_inner.release(connection, timeout=timeout), count=_NEVER)
 
     execute = _via_pool("execute")
@@ -385,6 +393,28 @@ def _pool_name(dsn: Any) -> str | None:
 
 pools: weakref.WeakSet[InstrumentedPool] = weakref.WeakSet()
 _pool_numbers = itertools.count(1)
+
+
+def _connections() -> tuple[int, int] | None:
+    """For the process samples: the most connections each pool had in use at once, and
+    the pools' maximum sizes, added up (on the sampler thread)."""
+    for _ in range(3):
+        try:
+            live = list(pools)
+            break
+        except RuntimeError:  # a pool was created meanwhile
+            continue
+    else:
+        return None
+    if not live:
+        return None
+    return (
+        sum(p._lw_used_max for p in live),
+        sum(p._lw_inner.get_max_size() for p in live),
+    )
+
+
+_process.connection_sources.append(_connections)
 
 
 async def connect(*args: Any, **kwargs: Any) -> InstrumentedConnection:

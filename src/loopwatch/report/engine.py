@@ -20,6 +20,7 @@ from . import loop as _loop
 from . import summary as _summary
 from .capacity import Capacity
 from .loop import LoopStats, summarise_loop
+from .queueing import sync_workers, traffic
 from .reading import MAX_ROUTES, SAMPLE_SLACK_S, Reading, read_files, read_records
 from .summary import Summary
 
@@ -120,6 +121,16 @@ def build_report(paths: Sequence[str], options: ReportOptions) -> Report:
         if not reading.start:
             raise ReportError(_nothing(reading, scope))
         summary = _summary.summarise(reading)
+        sync = sync_workers(
+            traffic(
+                reading.start,
+                reading.wall,
+                reading.pool,
+                reading.loop,
+                summary.in_flight.busy_s,
+                summary.wall.p95 / 1000,
+            )
+        )
         loop = summarise_loop(reading.loops, summary.first_start, summary.last_end, SAMPLE_SLACK_S)
         indices, title = _window(reading, summary, options)
         window, failed = read_records(reading, indices)
@@ -132,7 +143,7 @@ def build_report(paths: Sequence[str], options: ReportOptions) -> Report:
         skipped_lines=sum(f.skipped for f in reading.files),
         problems=[clean(p, 500) for p in _problems(reading, summary, failed)],
         summary=summary,
-        capacity=Capacity.of(summary),
+        capacity=Capacity.of(summary, sync),
         loop=loop,
         diagnosis=[
             clean(d, 1000) for d in _diagnosis.diagnose(summary, loop, options.route is not None)
@@ -162,7 +173,8 @@ def render_routes(report: Report, width: int, *, color: bool = False) -> str:
 
 
 def render_capacity(report: Report, width: int, *, color: bool = False) -> str:
-    """Sync workers needed for the concurrency seen, against the async processes measured."""
+    """Sync workers for the traffic (same p95, same throughput, no queueing), against the
+    async processes measured."""
     return _capacity.render(report.capacity, width, color)
 
 

@@ -80,6 +80,8 @@ class ProcessAcc:
     uss_max: int | None = None
     uss_min: int | None = None
     busy_max: float | None = None
+    connections_used: int | None = None  # the most database connections in use at once
+    connections_max: int | None = None  # the pools' sizes
     dropped: int = 0
     req_rss_max: int | None = None  # from request lines: when there are no samples
     req_rss_min: int | None = None
@@ -362,6 +364,10 @@ def _add_sample(r: Reading, s: ProcessSample) -> None:
     if s.loop_busy is not None:
         p.busy_max = s.loop_busy if p.busy_max is None else max(p.busy_max, s.loop_busy)
     p.dropped = max(p.dropped, s.dropped)
+    if s.db_connections_used_max is not None:
+        p.connections_used = max(p.connections_used or 0, s.db_connections_used_max)
+    if s.db_connections_max is not None:
+        p.connections_max = max(p.connections_max or 0, s.db_connections_max)
 
 
 def read_records(reading: Reading, indices: list[int]) -> tuple[list[RequestRecord], int]:

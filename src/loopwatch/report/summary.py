@@ -56,6 +56,7 @@ class InFlight:
     peak: int
     p95: int
     at: float  # Unix s: the first instant the peak was reached
+    busy_s: float = 0.0  # how long any request was in flight (the union of their spans)
 
 
 def in_flight(starts: Sequence[float], walls: Sequence[float]) -> InFlight:
@@ -74,17 +75,25 @@ def in_flight(starts: Sequence[float], walls: Sequence[float]) -> InFlight:
     n = len(s)
     counts = array("I")
     peak, at, j = 0, 0.0, 0
+    busy, since, ended = 0.0, s[0] if n else 0.0, 0
     for i, x in enumerate(s):
         while j < n and e[j] <= x:
             j += 1
+        while ended < n and e[ended] < x:  # (only requests that started before x)
+            ended += 1
+        if ended == i and i:  # none in flight just before x: a busy period ended
+            busy += e[i - 1] - since
+            since = x
         # Requests starting at the same instant are all in flight at it.
         k = i + 1 if i + 1 == n or s[i + 1] != x else bisect_right(s, x, i)
         c = max(k - j, 1)
         counts.append(c)
         if c > peak:
             peak, at = c, x
+    if n:
+        busy += e[n - 1] - since
     del s, e
-    return InFlight(peak, int(percentile(sorted(counts), 95)), at)
+    return InFlight(peak, int(percentile(sorted(counts), 95)), at, busy)
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,8 @@ class ProcessMemory:
     uss_low: int | None
     loop_busy_max: float | None
     dropped: int
+    connections_used: int | None = None
+    connections_max: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -179,6 +190,8 @@ class ProcessMemory:
             "uss_bytes_min": self.uss_low,
             "loop_busy_max": self.loop_busy_max,
             "dropped": self.dropped,
+            "db_connections_used_max": self.connections_used,
+            "db_connections_max": self.connections_max,
         }
 
 
@@ -210,7 +223,16 @@ def summarise(r: Reading) -> Summary:
     wall_sum = sum(r.wall)
     procs = [
         ProcessMemory(
-            p.pid, p.requests, p.peak_rss, p.low_rss, p.uss_max, p.uss_min, p.busy_max, p.dropped
+            p.pid,
+            p.requests,
+            p.peak_rss,
+            p.low_rss,
+            p.uss_max,
+            p.uss_min,
+            p.busy_max,
+            p.dropped,
+            p.connections_used,
+            p.connections_max,
         )
         for p in sorted(r.processes.values(), key=lambda p: p.pid)
     ]
