@@ -310,7 +310,7 @@ def test_demo_blocking_records_stalls_at_the_demo_apps_blocking_lines(
     from loopwatch.cli import demo
     from loopwatch.record import RequestRecord, Stall, parse_line
 
-    record_file, _ = demo.run(pg_dsn, 40, tmp_path, blocking=demo.BLOCKING_REQUESTS)
+    record_file = demo.run(pg_dsn, 40, tmp_path, blocking=demo.BLOCKING_REQUESTS).record_file
     records = [parse_line(line) for line in record_file.read_text().splitlines() if line]
     stalls = [r for r in records if isinstance(r, Stall)]
     requests = [r for r in records if isinstance(r, RequestRecord)]
@@ -357,3 +357,33 @@ def test_demo_blocking_says_what_it_sent() -> None:
     assert "Traceback" not in result.stderr
     assert _demo_leftovers() == before, "the demo removes its temporary files"
     assert not _processes_using("loopwatch-demo-"), "the demo stops its database"
+
+
+def test_demo_compare_sync_runs_as_many_sync_workers_as_estimated() -> None:
+    import re
+
+    before = _demo_leftovers()
+    result = loopwatch("demo", "--compare-sync", "--requests", "30", "--width", "120", timeout=240)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    found = re.search(r"SYNC  same p95 latency \([^)]*\):\s+(\d+) workers?", out)
+    assert found, out
+    workers = int(found.group(1))
+    assert f"the same 30 requests, then {workers} sync workers" in out
+    rows = {}
+    for side in ("ASYNC", "SYNC"):
+        row = re.search(
+            rf"^  {side} .*?\s(\d+)\s+([\d,]+)\s+([\d.]+)(ms|s)\s+([\d.]+) (MB|GB)$", out, re.M
+        )
+        assert row, out
+        rows[side] = row.groups()
+    # gunicorn's master and its workers; the async side is one process
+    assert int(rows["SYNC"][0]) == workers + 1
+    assert int(rows["ASYNC"][0]) == 1
+    for side in rows.values():
+        assert int(side[1].replace(",", "")) > 0  # requests per second
+        assert float(side[2]) > 0  # p95
+        assert float(side[4]) > 0  # memory
+    assert _demo_leftovers() == before, "the demo removes its temporary files"
+    assert not _processes_using("loopwatch-demo-"), "the demo stops its database"
+    assert not _processes_using("loopwatch.cli.sync_app"), "the demo stops its sync workers"

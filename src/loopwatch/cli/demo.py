@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -64,18 +65,36 @@ def database(dsn: str | None, workdir: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def server(dsn: str, record_file: Path) -> Iterator[str]:
     """The demo app under uvicorn in a child process; yields its base URL."""
+    with _served(dsn, record_file, None) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def _served(
+    dsn: str, record_file: Path | None, sync_workers: int | None
+) -> Iterator[tuple[str, int]]:
+    """The async demo app under uvicorn (``sync_workers`` None) or the same work as a
+    sync app under ``gunicorn -w sync_workers``, in a child process on a free port;
+    yields its base URL and pid."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    env = {**os.environ, "LOOPWATCH_DEMO_DSN": dsn, "LOOPWATCH_FILE": str(record_file)}
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "loopwatch.cli.demo_app:create_app",
-           "--fd", str(sock.fileno()), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    env = {**os.environ, "LOOPWATCH_DEMO_DSN": dsn}
+    if record_file is not None:
+        env["LOOPWATCH_FILE"] = str(record_file)
+    if sync_workers is None:
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "loopwatch.cli.demo_app:create_app",
+               "--fd", str(sock.fileno()), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "gunicorn", "-w", str(sync_workers), "-k", "sync",
+               "-b", f"fd://{sock.fileno()}", "--backlog", "2048", "--timeout", "120",
+               "--log-level", "warning", "loopwatch.cli.sync_app:create_app()"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL)
     sock.close()
     try:
         _wait_ready(url, proc)
-        yield url
+        yield url, proc.pid
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # a clean exit writes the last records
@@ -108,9 +127,11 @@ BLOCKING_REQUESTS = 4
 BLOCKING_ROUTES = ("/hash", "/sleep")
 
 
-async def fire(url: str, n: int, progress: Callable[[int], None], blocking: int = 0) -> float:
+async def fire(
+    url: str, n: int, progress: Callable[[int], None], blocking: int = 0
+) -> tuple[float, list[float]]:
     """Send ``n`` requests at once, and ``blocking`` more spread among them; returns the
-    seconds they all took."""
+    seconds they all took and each /items request's latency (s), as the client saw it."""
     import httpx
 
     done = normal_done = 0
@@ -130,7 +151,9 @@ async def fire(url: str, n: int, progress: Callable[[int], None], blocking: int 
 
         async def one(i: int) -> None:
             nonlocal normal_done
+            t = time.perf_counter()
             await get(f"/items/{i}")
+            latencies.append(time.perf_counter() - t)
             normal_done += 1
             for event, threshold in zip(due, thresholds, strict=True):
                 if normal_done >= threshold:
@@ -141,9 +164,10 @@ async def fire(url: str, n: int, progress: Callable[[int], None], blocking: int 
                 await due[k].wait()
             await get(f"{BLOCKING_ROUTES[k % len(BLOCKING_ROUTES)]}/{k}")
 
+        latencies: list[float] = []
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(n)), *(block(k) for k in range(blocking)))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, latencies
 
 
 def progress_bar(total: int, out: TextIO, *, ascii: bool) -> Callable[[int], None]:
@@ -163,22 +187,120 @@ def progress_bar(total: int, out: TextIO, *, ascii: bool) -> Callable[[int], Non
     return show
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One side of ``--compare-sync``, as the client and the operating system saw it."""
+
+    processes: int  # the server's processes (for gunicorn: its master and workers)
+    seconds: float  # from the first request sent to the last answer
+    p95_s: float  # the p95 of the /items requests' latencies
+    memory: int | None  # the processes' proportional set size (PSS), added up; bytes
+    requests: int  # answered
+
+    @property
+    def rate(self) -> float:
+        """Requests per second over ``seconds``."""
+        return 0.0 if self.seconds <= 0 else self.requests / self.seconds
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    record_file: Path  # the async run's records
+    seconds: float
+    measured: Measured  # the async run
+    sync_workers: int | None = None  # ``--compare-sync``: the workers run, and what
+    sync: Measured | None = None  # they did
+
+
 def run(
-    dsn: str | None, requests: int, workdir: Path, *, ascii: bool = False, blocking: int = 0
-) -> tuple[Path, float]:
+    dsn: str | None,
+    requests: int,
+    workdir: Path,
+    *,
+    ascii: bool = False,
+    blocking: int = 0,
+    sync_workers_for: Callable[[Path], int] | None = None,
+) -> DemoRun:
     """Run the demo traffic (``requests`` to /items, ``blocking`` to the endpoints that
-    block the loop); returns the record file (in ``workdir``) and the seconds taken."""
+    block the loop) against the async app, writing its record file in ``workdir``.
+
+    With ``sync_workers_for`` (``--compare-sync``), that callable reads the record file
+    and returns how many sync workers to run; the same ``requests`` then go to the same
+    work as a sync app under gunicorn with that many workers, each of them warmed up
+    first (its database connection opened, as the async pool's are at start-up).
+    """
     missing = missing_packages(need_database=not dsn)
+    if sync_workers_for is not None:
+        missing += missing_sync_packages()
     if missing:
-        raise DemoError(f"loopwatch demo needs {', '.join(missing)}: {INSTALL_HINT}")
+        hint = INSTALL_HINT if sync_workers_for is None else SYNC_INSTALL_HINT
+        raise DemoError(f"loopwatch demo needs {', '.join(missing)}: {hint}")
     record_file = workdir / "loopwatch.jsonl"
-    with database(dsn, workdir) as url_dsn, server(url_dsn, record_file) as url:
-        bar = progress_bar(requests + blocking, sys.stderr, ascii=ascii)
+    with database(dsn, workdir) as url_dsn:
+        with _served(url_dsn, record_file, None) as (url, pid):
+            bar = progress_bar(requests + blocking, sys.stderr, ascii=ascii)
+            measured = _measure(url, pid, requests, bar, blocking)
+        if sync_workers_for is None:
+            return DemoRun(record_file, measured.seconds, measured)
+        workers = sync_workers_for(record_file)
+        with _served(url_dsn, None, workers) as (url, pid):
+            _send(url, workers, lambda done: None)  # the warm-up, not measured
+            bar = progress_bar(requests, sys.stderr, ascii=ascii)
+            sync = _measure(url, pid, requests, bar, 0)
+    return DemoRun(record_file, measured.seconds, measured, workers, sync)
+
+
+def _measure(
+    url: str, pid: int, requests: int, bar: Callable[[int], None], blocking: int
+) -> Measured:
+    seconds, latencies = _send(url, requests, bar, blocking)
+    memory, processes = process_memory(pid)  # while the server is still up
+    latencies.sort()
+    p95 = latencies[max(1, (95 * len(latencies) + 99) // 100) - 1] if latencies else 0.0
+    return Measured(processes, seconds, p95, memory, requests + blocking)
+
+
+def _send(
+    url: str, requests: int, bar: Callable[[int], None], blocking: int = 0
+) -> tuple[float, list[float]]:
+    try:
+        return asyncio.run(fire(url, requests, bar, blocking))
+    except Exception as exc:
+        raise DemoError(f"the demo requests failed: {exc}") from None
+
+
+def process_memory(pid: int) -> tuple[int | None, int]:
+    """The proportional set size (PSS: shared pages split between the processes that map
+    them, so a sum counts them once) of process ``pid`` and its children, added up, in
+    bytes (None where the system does not report it); and how many processes."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None, 0
+    total: int | None = 0
+    for proc in procs:
         try:
-            seconds = asyncio.run(fire(url, requests, bar, blocking))
-        except Exception as exc:
-            raise DemoError(f"the demo requests failed: {exc}") from None
-    return record_file, seconds
+            pss = getattr(proc.memory_full_info(), "pss", None)
+        except psutil.Error:
+            pss = None
+        total = None if pss is None or total is None else total + int(pss)
+    return total, len(procs)
+
+
+SYNC_INSTALL_HINT = "pip install 'loopwatch[demo,sync]'"
+
+
+def missing_sync_packages() -> list[str]:
+    missing = []
+    for name in ("flask", "psycopg", "gunicorn"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def temporary_workdir() -> Any:

@@ -10,8 +10,10 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._version import __version__
+from ..renderers.text import fmt_bytes, fmt_ms, wrap
 from ..renderers.timeline import render_timeline
 from ..report import (
     Report,
@@ -24,6 +26,9 @@ from ..report import (
     render_routes,
     render_summary,
 )
+
+if TYPE_CHECKING:
+    from . import demo as demo_module
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,15 +85,28 @@ def _demo(args: argparse.Namespace) -> int:
 
     dsn = args.dsn or os.environ.get("LOOPWATCH_DSN")
     blocking = demo.BLOCKING_REQUESTS if args.blocking else 0
+    reports: list[Report] = []
+
+    def sync_workers_for(record_file: Path) -> int:
+        reports.append(build_report([str(record_file)], ReportOptions()))
+        return reports[0].capacity.same_latency or 1
+
     try:
         with demo.temporary_workdir() as workdir:
-            record_file, seconds = demo.run(
-                dsn, args.requests, Path(workdir), ascii=args.ascii, blocking=blocking
+            ran = demo.run(
+                dsn,
+                args.requests,
+                Path(workdir),
+                ascii=args.ascii,
+                blocking=blocking,
+                sync_workers_for=sync_workers_for if args.compare_sync else None,
             )
-            report = build_report([str(record_file)], ReportOptions())
+            if not reports:
+                reports.append(build_report([str(ran.record_file)], ReportOptions()))
     except (demo.DemoError, ReportError) as exc:
         print(f"loopwatch: {exc}", file=sys.stderr)
         return 1
+    report, seconds = reports[0], ran.seconds
     query_ms = demo_query_ms()
     sent = f"{args.requests} concurrent requests, each a little CPU and a {query_ms} ms query"
     if blocking:
@@ -104,7 +122,59 @@ def _demo(args: argparse.Namespace) -> int:
         )
     print(f"{sent}, served by one process in {seconds * 1000:.0f} ms.\n")
     sys.stdout.write(render(report, _width(args), ascii=args.ascii, color=_color()))
+    if ran.sync is not None and ran.sync_workers is not None:
+        sys.stdout.write(
+            "\n" + compared(ran.measured, ran.sync, ran.sync_workers, args.requests, _width(args))
+        )
     return 0
+
+
+def compared(
+    asynchronous: demo_module.Measured,
+    sync: demo_module.Measured,
+    workers: int,
+    requests: int,
+    width: int,
+) -> str:
+    """``--compare-sync``: the two runs side by side, as measured."""
+    from .demo_app import POOL_SIZE
+
+    rows = [
+        ("", "processes", "req/s", "p95", "memory (PSS)"),
+        (
+            f"ASYNC  uvicorn, LoopWatch, a pool of {POOL_SIZE}",
+            f"{asynchronous.processes}",
+            f"{asynchronous.rate:,.0f}",
+            fmt_ms(asynchronous.p95_s * 1000),
+            "?" if asynchronous.memory is None else fmt_bytes(asynchronous.memory),
+        ),
+        (
+            f"SYNC   gunicorn -w {workers}, a connection each",
+            f"{sync.processes}",
+            f"{sync.rate:,.0f}",
+            fmt_ms(sync.p95_s * 1000),
+            "?" if sync.memory is None else fmt_bytes(sync.memory),
+        ),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = wrap(
+        f"Measured on this machine: the same {requests} requests, then {workers} sync "
+        "workers (loopwatch's same-p95 estimate) running the same work (Flask, psycopg):",
+        width,
+        "",
+        "  ",
+    )
+    for r in rows:
+        cells = [r[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        lines.append("  " + "   ".join(cells).rstrip())
+    lines += wrap(
+        "(gunicorn's processes are its master and workers; PSS counts each shared page once.)",
+        width,
+        "  ",
+        "   ",
+    )
+    return "\n".join(lines) + "\n"
 
 
 def demo_query_ms() -> int:
@@ -192,6 +262,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--dsn", help="PostgreSQL to use instead of an embedded one")
     demo.add_argument("--requests", type=_positive, default=100, metavar="N")
+    demo.add_argument(
+        "--compare-sync",
+        action="store_true",
+        help="then send the same requests to the same work served by as many sync workers "
+        "(gunicorn, Flask, psycopg) as loopwatch estimated, and show both as measured "
+        "(pip install 'loopwatch[sync]')",
+    )
     demo.add_argument(
         "--blocking",
         action="store_true",

@@ -210,16 +210,19 @@ def render(s: LoopStats, width: int, color: bool) -> str:
     if s.utilization is None and s.lag is None:
         health = "Busy share and lag: not measured in this period."
     else:
-        busy = "not measured" if s.utilization is None else f"{s.utilization:.1%}"
+        if s.utilization is None:  # (the first sample has no interval to measure)
+            busy = f"Busy share not measured ({fmt_count(s.samples, 'sample')})"
+        else:
+            busy = (
+                f"Busy {s.utilization:.1%} of the time "
+                f"(loop thread CPU, {fmt_count(s.samples, 'sample')})"
+            )
         lag = (
             "not measured"
             if s.lag is None
             else "p50 {}, p99 {}, max {}".format(*map(fmt_ms, s.lag))
         )
-        health = (
-            f"Busy {busy} of the time (loop thread CPU, {fmt_count(s.samples, 'sample')}); "
-            f"lag {lag}."
-        )
+        health = f"{busy}; lag {lag}."
     lines += wrap(health, width, "  ", "    ")
     if not s.stalls:
         lines += wrap(
