@@ -593,6 +593,23 @@ async def test_pool_wait_is_recorded_apart_from_db_time(
         assert 100 - CLOCK_SLACK_MS <= rec.db_ms < 100 + 60, rec
 
 
+async def test_db_time_stays_exact_past_the_drawn_segments(conn: InstrumentedConnection) -> None:
+    # 700 queries of 2 ms each, one after the other: more than the 512 segments a
+    # record draws of a kind; db_ms still holds all of them (it held 512 before).
+    n, each = 700, 0.002
+
+    async def many() -> None:
+        for _ in range(n):
+            await conn.fetchval(f"SELECT pg_sleep({each})")
+
+    rec = await in_request(many)
+    assert rec.db_queries == n
+    assert rec.db_ms >= n * each * 1000 - CLOCK_SLACK_MS, rec.db_ms
+    assert rec.db_ms <= rec.wall_ms, rec
+    assert rec.segments_dropped >= n - 512
+    assert sum(1 for kind, _, _ in rec.segments if kind == "db") <= 512
+
+
 async def test_connections_in_use_at_most_are_counted_for_the_process_samples(
     pg_dsn: str,
 ) -> None:

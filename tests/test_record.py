@@ -98,12 +98,16 @@ def test_trace_line_is_the_record_contract(trace: Trace) -> None:
     assert json.loads(rec.to_json()) == rec.to_dict()
 
 
-def test_segments_beyond_the_cap_are_counted_not_kept() -> None:
+def test_segments_beyond_the_cap_are_counted_not_drawn_and_still_in_the_total() -> None:
     t = Trace(1.0, 0, "GET", "/")
     for i in range(MAX_INTERVALS + 10):
-        t.add(t.db, i * 100_000, i * 100_000 + 1)
+        t.add(t.db, i * 100_000, i * 100_000 + 1000)
+    t.close()
+    db_ns, _, spans, dropped = t.spans()
     assert len(t.db) == 2 * MAX_INTERVALS
-    assert t.dropped == 10
+    assert sum(1 for s in spans if s[1] == "db") == MAX_INTERVALS
+    assert dropped == 10
+    assert db_ns == (MAX_INTERVALS + 10) * 1000
 
 
 def test_request_round_trip() -> None:

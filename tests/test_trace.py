@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from loopwatch._capture.loop import SEGMENT_NS
-from loopwatch._capture.trace import Trace
+from loopwatch._capture.trace import MAX_INTERVALS, Trace
 from loopwatch.record import RequestRecord
 
 MS = 1_000_000
@@ -22,7 +22,7 @@ def test_a_short_loop_wait_is_taken_out_of_db_time_but_not_drawn() -> None:
     trace.add(trace.db, 1 * MS, 11 * MS)
     trace.waited(2 * MS, int(2.3 * MS))  # 0.3 ms: counted, not drawn
     trace.waited(5 * MS, 7 * MS)  # 2 ms: counted and drawn
-    db_ns, pool_ns, spans = trace.spans()
+    db_ns, pool_ns, spans, _ = trace.spans()
     assert trace.loop_ns == int(2.3 * MS)
     assert db_ns == 10 * MS - int(2.3 * MS)
     assert pool_ns == 0
@@ -39,7 +39,7 @@ def test_loop_waits_outside_db_time_are_drawn_from_segment_ns() -> None:
     trace = _trace(10)
     trace.waited(1 * MS, 1 * MS + SEGMENT_NS - 1)
     trace.waited(4 * MS, 4 * MS + SEGMENT_NS)
-    assert trace.spans() == (0, 0, [(4 * MS, "loop", 4 * MS + SEGMENT_NS)])
+    assert trace.spans() == (0, 0, [(4 * MS, "loop", 4 * MS + SEGMENT_NS)], 0)
     assert trace.loop_ns == 2 * SEGMENT_NS - 1
 
 
@@ -50,7 +50,7 @@ def test_overlapping_queries_count_once_and_lose_each_wait_once() -> None:
     trace.add(trace.pool, 0, 1 * MS)
     trace.waited(int(0.5 * MS), int(0.6 * MS))  # in the pool wait, short
     trace.waited(8 * MS, int(8.5 * MS))  # in both queries, short
-    db_ns, pool_ns, spans = trace.spans()
+    db_ns, pool_ns, spans, _ = trace.spans()
     assert db_ns == 11 * MS - int(0.5 * MS)
     assert pool_ns == 1 * MS - int(0.1 * MS)
     assert spans == [(0, "pool", int(0.9 * MS)), (1 * MS, "db", int(11.5 * MS))]
@@ -79,7 +79,35 @@ def test_db_and_pool_segments_add_up_to_their_totals() -> None:
             for _ in range(rng.randint(1, 4)):
                 a = rng.randint(0, 90 * MS)
                 trace.add(kind, a, a + rng.randint(0, 20 * MS))
-        db_ns, pool_ns, spans = trace.spans()
+        db_ns, pool_ns, spans, _ = trace.spans()
         assert sum(b - a for a, k, b in spans if k == "db") == db_ns
         assert sum(b - a for a, k, b in spans if k == "pool") == pool_ns
         assert all(b > a for a, _, b in spans)
+
+
+def test_totals_stay_exact_past_the_drawn_intervals() -> None:
+    # 5,000 queries one after the other, 40 µs apart, each 100 µs, with a 2 ms loop
+    # wait inside every tenth: far past MAX_INTERVALS of each kind.
+    trace = _trace(5000 * 0.14 + 1)
+    for i in range(5000):
+        a = int(i * 0.14 * MS)
+        if i % 10 == 0:
+            trace.waited(a + 10_000, a + 60_000)  # 50 µs: under SEGMENT_NS
+        trace.add(trace.db, a, a + 100_000)
+    db_ns, _, spans, dropped = trace.spans()
+    assert db_ns == 5000 * 100_000 - 500 * 50_000
+    assert trace.loop_ns == 500 * 50_000
+    assert sum(1 for s in spans if s[1] == "db") == MAX_INTERVALS
+    assert dropped == 5000 - MAX_INTERVALS
+    record = trace_record(trace)
+    assert record.db_ms == 475.0
+    assert record.segments_dropped == dropped
+
+
+def test_overlapping_queries_past_the_cap_count_once() -> None:
+    trace = _trace(10)
+    for i in range(MAX_INTERVALS + 100):  # gathered: all of them at once, nested
+        trace.add(trace.db, i * 1000, 9 * MS - i * 1000)
+    db_ns, _, spans, _ = trace.spans()
+    assert db_ns == 9 * MS
+    assert spans == [(0, "db", 9 * MS)]

@@ -7,6 +7,7 @@ milliseconds to :meth:`Trace.to_record`, called once when the request ends.
 
 from __future__ import annotations
 
+from array import array
 from contextvars import ContextVar
 from time import perf_counter_ns, thread_time_ns
 from typing import Any
@@ -19,8 +20,9 @@ current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
 IDLE = -1
 CLOSED = -2
 
-# Per request and per kind, at most this many intervals are kept for the timeline; the
-# totals stay exact past it, and the record says how many were dropped.
+# Per request and per kind, at most this many intervals are drawn (kept as segments);
+# the totals stay exact past it (the rest is kept compactly until the request ends, 16
+# bytes an interval), and the record says how many were not drawn.
 MAX_INTERVALS = 512
 # CPU steps closer together than this are drawn as one stretch: far below any column of
 # a timeline, and it keeps a chatty request's record small.
@@ -46,6 +48,7 @@ class Trace:
         "loop",
         "loop_ns",
         "method",
+        "more",
         "open",
         "otel",
         "path",
@@ -109,6 +112,8 @@ class Trace:
         self.db: list[int] = []
         self.pool: list[int] = []
         self.loop: list[int] = []
+        # Past MAX_FLAT numbers: the rest of db, pool and loop, for the totals.
+        self.more: tuple[array[int], array[int], array[int]] | None = None
 
     def begin_step(self, w0: int, c0: int) -> None:
         """A step of this request starts at ``w0``/``c0``: account the loop wait before it.
@@ -153,12 +158,21 @@ class Trace:
             self.dropped += 1
 
     def add(self, intervals: list[int], start: int, end: int) -> None:
-        """Add a ``db`` or ``pool`` interval."""
+        """Add a ``db``, ``pool`` or ``loop`` interval."""
         if len(intervals) < MAX_FLAT:
             intervals.append(start)
             intervals.append(end)
         else:
-            self.dropped += 1
+            self._spill(intervals, start, end)
+
+    def _spill(self, intervals: list[int], start: int, end: int) -> None:
+        """An interval past MAX_FLAT: kept compactly, for the totals only."""
+        more = self.more
+        if more is None:
+            more = self.more = (array("q"), array("q"), array("q"))
+        spill = more[0] if intervals is self.db else more[1] if intervals is self.pool else more[2]
+        spill.append(start)
+        spill.append(end)
 
     def close(self) -> None:
         """End the request now: later steps and queries are no longer charged to it."""
@@ -170,22 +184,27 @@ class Trace:
         self.step_c0 = CLOSED
         self.end_ns = perf_counter_ns()
 
-    def spans(self) -> tuple[int, int, list[tuple[int, str, int]]]:
-        """DB time, pool wait (ns, unions, loop wait taken out) and every interval as
-        ``(start, kind, end)`` in ns, sorted: the one computation behind both
-        :meth:`to_record` and :meth:`to_json`."""
+    def spans(self) -> tuple[int, int, list[tuple[int, str, int]], int]:
+        """DB time, pool wait (ns, unions, loop wait taken out), every interval to draw
+        as ``(start, kind, end)`` in ns, sorted, and how many were not drawn (past
+        MAX_INTERVALS of a kind): the one computation behind both :meth:`to_record` and
+        :meth:`to_json`."""
         cpu = self.cpu
         spans = [(cpu[i], "cpu", cpu[i + 1]) for i in range(0, len(cpu), 2)]
         db_ns = pool_ns = 0
-        loop = self.loop
-        if self.db or self.pool:
+        db, pool, loop = self.db, self.pool, self.loop
+        if self.more is not None:
+            db, pool, loop = (kept + list(more) for kept, more in zip(
+                (db, pool, loop), self.more, strict=True))  # fmt: skip
+        dropped = self.dropped
+        if db or pool:
             start, end = self.start_ns, self.end_ns
             # Loop waits are disjoint and in time order (each starts after the request's
             # previous step); the part of a db or pool interval inside one is loop wait.
             holes = list(zip(loop[::2], loop[1::2], strict=True))
             spans.extend((a, "loop", b) for a, b in holes if b - a >= SEGMENT_NS)
-            db_ns = _union(self.db, start, end, "db", spans, holes)
-            pool_ns = _union(self.pool, start, end, "pool", spans, holes)
+            db_ns = _union(db, start, end, "db", spans, holes)
+            pool_ns = _union(pool, start, end, "pool", spans, holes)
             spans.sort()
         elif loop:
             spans.extend(
@@ -194,12 +213,14 @@ class Trace:
                 if loop[i + 1] - loop[i] >= SEGMENT_NS
             )
             spans.sort()
-        return db_ns, pool_ns, spans
+        if len(spans) > MAX_INTERVALS:
+            spans, dropped = _cap(spans, dropped)
+        return db_ns, pool_ns, spans, dropped
 
     def to_record(self) -> RequestRecord:
         """The record of a closed trace."""
         start = self.start_ns
-        db_ns, pool_ns, spans = self.spans()
+        db_ns, pool_ns, spans, dropped = self.spans()
         return RequestRecord(
             f"{self.id_prefix}-{self.seq}",
             self.pid,
@@ -216,7 +237,7 @@ class Trace:
             self.rss,
             tuple((k, _ms(a - start), _ms(b - start)) for a, k, b in spans),
             self.error,
-            self.dropped,
+            dropped,
             _ms(self.loop_ns),
             self.blocked_by,
         )
@@ -225,7 +246,7 @@ class Trace:
         """The record file's line for this trace: ``to_record().to_json()`` without
         building the record (the writer thread runs this once per request)."""
         start = self.start_ns
-        db_ns, pool_ns, spans = self.spans()
+        db_ns, pool_ns, spans, dropped = self.spans()
         segments = ",".join(
             [
                 f'["{k}",{(a - start) // 1000 / 1000!r},{(b - start) // 1000 / 1000!r}]'
@@ -248,10 +269,22 @@ class Trace:
             self.rss,
             segments,
             self.error,
-            self.dropped,
+            dropped,
             _ms(self.loop_ns),
             self.blocked_by,
         )
+
+
+def _cap(spans: list[tuple[int, str, int]], dropped: int) -> tuple[list[tuple[int, str, int]], int]:
+    """The first MAX_INTERVALS spans of each kind, and ``dropped`` plus the rest."""
+    seen: dict[str, int] = {}
+    kept = []
+    for span in spans:
+        n = seen.get(span[1], 0)
+        seen[span[1]] = n + 1
+        if n < MAX_INTERVALS:
+            kept.append(span)
+    return kept, dropped + len(spans) - len(kept)
 
 
 def _ms(ns: int) -> float:
