@@ -148,6 +148,7 @@ def _request(**changes: Any) -> dict[str, Any]:
         (json.dumps(_request(wall_ms=-1)), "'wall_ms' must be between"),
         (json.dumps(_request(cpu_ms=1e300)), "'cpu_ms' must be between"),
         (json.dumps(_request(db_ms="fast")), "'db_ms' must be a finite number"),
+        (json.dumps(_request(db_ms=10**400)), "'db_ms' must be a finite number"),
         (json.dumps(_request(db_queries=-3)), "'db_queries' must not be negative"),
         (json.dumps(_request(status=True)), "'status' must be an integer"),
         (json.dumps(_request(segments=[[7, 0, 1]])), "is not [kind, start_ms, end_ms]"),

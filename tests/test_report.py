@@ -953,3 +953,13 @@ def test_malformed_stall_lines_are_skipped_and_counted(tmp_path: Path) -> None:
         "number, not 'soon')",
     ]
     assert report.to_json()["loop"]["stall_count"] == 1
+
+
+def test_a_lone_surrogate_in_a_route_is_drawn_as_a_replacement_character(
+    tmp_path: Path,
+) -> None:
+    # JSON can carry "\ud800"; a terminal cannot take it.
+    path = write(tmp_path / "r.jsonl", [meta(), req(0, 10, route="/\ud800", path="/\udfff")])
+    text = render(report_of(path), 100, ascii=False, color=False)
+    text.encode("utf-8")  # would raise on a lone surrogate
+    assert "/\ufffd" in text

@@ -526,9 +526,22 @@ def _float(d: dict[str, Any], key: str) -> float:
     return _number(_get(d, key), key)
 
 
+def _short(v: Any) -> str:
+    """A value for an error message: its repr, at most 40 characters."""
+    try:
+        text = repr(v)
+    except ValueError:  # an integer of more digits than int-to-str allows
+        return f"an integer of {v.bit_length()} bits"
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
 def _number(v: Any, key: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise RecordError(f"field {key!r} must be a finite number, not {v!r}.")
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        ok = False
+    if not ok:
+        raise RecordError(f"field {key!r} must be a finite number, not {_short(v)}.")
     return float(v)
 
 

@@ -71,12 +71,16 @@ def _report(args: argparse.Namespace) -> int:
     except ReportError as exc:
         print(f"loopwatch: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        text = json.dumps(report.to_json(), indent=2)
+    else:
+        text = render(report, _width(args), ascii=args.ascii, color=_color())
+    # The notes come last, where they are seen, and on lines of their own even when both
+    # streams go to one terminal or file: the report ends with a newline, written first.
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
     for problem in report.problems:
         print(f"loopwatch: note: {problem}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        sys.stdout.write(render(report, _width(args), ascii=args.ascii, color=_color()))
     return 0
 
 

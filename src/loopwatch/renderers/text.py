@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 # Terminal escape sequences (CSI, OSC, and two-character ESC sequences), then any other
 # C0/C1 control character. A record file is untrusted input: what it says is printed,
 # never interpreted by the terminal.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 _ESCAPES = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI ... final byte
     r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC ... BEL or ST
@@ -22,6 +23,7 @@ _ESCAPES = re.compile(
 def clean(text: str, limit: int = 200) -> str:
     """``text`` without control characters or escape sequences, at most ``limit`` long."""
     text = _ESCAPES.sub("", text).replace("\t", " ").replace("\n", " ")
+    text = _SURROGATES.sub("\ufffd", text)  # a lone one cannot be written out
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text

@@ -1,6 +1,6 @@
 """The report engine behind ``loopwatch report``: record files in, a :class:`Report` out.
 
-:func:`build_report` reads the files in one streaming pass (see ``_reading``), summarises
+:func:`build_report` reads the files in one streaming pass (see ``reading``), summarises
 them, picks the timeline's window and reads just the window's records again in full. The
 ``render_*`` functions are pure: a report in, text of at most ``width`` columns out.
 """
@@ -291,6 +291,8 @@ def _problems(r: Reading, s: Summary, failed: int) -> list[str]:
             )
         if f.incomplete_tail:
             out.append(f"{f.name}: last line is incomplete (still being written?)")
+        if f.stopped is not None:
+            out.append(f"{f.name}: {f.stopped}")
     for p in s.processes:
         if p.dropped:
             out.append(

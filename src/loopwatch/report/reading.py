@@ -1,31 +1,41 @@
 """Reading record files for a report: one streaming pass that keeps only numbers.
 
 A file of a million requests must be summarised in seconds and bounded memory, so the
-first pass builds no :class:`~loopwatch.record.RequestRecord`: it decodes each line with
-``json.loads``, checks the few fields the summary uses, and appends them to flat arrays
-along with where the line starts. The window's few records are then read again, at those
-offsets, through the reference parser (:func:`read_records`).
+first pass builds no :class:`~loopwatch.record.RequestRecord`: it decodes each line,
+checks it exactly as the reference parser would (:func:`_valid_request`), and appends the
+few numbers the summary uses to flat arrays along with where the line starts. The
+window's few records are then read again, at those offsets, through the reference parser
+(:func:`read_records`). What is read of each file, and in which order: :mod:`.sources`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from array import array
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..record import FORMAT_VERSION, Meta, ProcessSample, RecordError, RequestRecord, Stall
+from ..record import (
+    FORMAT_VERSION,
+    SEGMENT_KINDS,
+    Meta,
+    ProcessSample,
+    RecordError,
+    RequestRecord,
+    Stall,
+)
 from ..renderers.text import clean
+from .sources import MAX_LINE, Lines, Source, decode, open_sources
 from .stalls import LoopAcc
 
-MAX_LINE = 1 << 20  # longer lines are skipped without being held in memory
+MAX_KEPT_OPEN = 64  # files kept open from pass 1 for pass 2; later ones are opened again
 MAX_ROUTES = 1000  # distinct routes kept apart; the rest share one row
 MAX_PIDS = 10_000
 
 _MAX_MS = 1e10  # as record._MAX_MS
 _MAX_START = 1e11  # Unix seconds in year 5138: anything later is not a start time
+_MAX_PID = 1 << 63  # pids are kept in 64-bit arrays
 # A process sample describes the interval before it: one written up to this long after
 # the last request ended still covers the report's period.
 SAMPLE_SLACK_S = 1.0
@@ -49,8 +59,11 @@ class FileInfo:
     versions: dict[int, int] = field(default_factory=dict)  # unsupported version: lines
     incomplete_tail: bool = False
     duplicate: bool = False  # the same file as an earlier path: not read again
+    stopped: str | None = None  # why a pipe was not read to its end
     # A pipe cannot be read again: its matched request lines are kept in a temporary file.
     spool: Any = None
+    fd: int | None = None  # the file pass 1 read, kept open for pass 2
+    ident: tuple[int, int] | None = None  # its (st_dev, st_ino)
 
     @property
     def skipped(self) -> int:
@@ -113,12 +126,17 @@ class Reading:
     processes: dict[int, ProcessAcc] = field(default_factory=dict)
     errors: int = 0
     loops: LoopAcc = field(default_factory=LoopAcc)
+    kept: int = 0  # files with an fd
 
     def close(self) -> None:
         for info in self.files:
             if info.spool is not None:
                 info.spool.close()
                 info.spool = None
+            if info.fd is not None:
+                os.close(info.fd)
+                info.fd = None
+        self.kept = 0
 
     def route_acc(self, route: str | None) -> RouteAcc:
         if len(self.routes) < MAX_ROUTES:
@@ -138,32 +156,45 @@ class Reading:
 def read_files(
     paths: list[str], route: str | None, since: float | None, until: float | None
 ) -> Reading:
-    """Pass 1 over every file; never raises for bad input (see FileInfo)."""
+    """Pass 1 over every file (see :mod:`.sources` for what is read of each); never raises
+    for bad input (see FileInfo)."""
     reading = Reading()
-    seen: set[str] = set()
-    for index, path in enumerate(paths):
-        info = FileInfo(path=path, name=clean(path))
-        reading.files.append(info)
-        real = os.path.realpath(path)
-        if real in seen:
-            info.duplicate = True
-            continue
-        seen.add(real)
-        try:
-            f = open(path, "rb")  # noqa: SIM115 (closed below; open errors are the point)
-        except OSError as exc:
-            info.error = exc.strerror or type(exc).__name__
-            continue
-        with f:
-            try:
-                _read(f, index, info, reading, route, since, until)
-            except OSError as exc:  # EIO, a file that is a directory on some systems
-                info.error = exc.strerror or type(exc).__name__
+    try:
+        for source in open_sources(paths):
+            _read_source(source, reading, route, since, until)
+    except BaseException:
+        reading.close()
+        raise
     return reading
 
 
+def _read_source(
+    source: Source, r: Reading, route: str | None, since: float | None, until: float | None
+) -> None:
+    info = FileInfo(path=source.path, name=clean(source.path))
+    r.files.append(info)
+    info.duplicate = source.duplicate
+    info.ident = source.ident
+    if source.fd is None:
+        info.error = source.error
+        return
+    lines = Lines(source)
+    try:
+        _read(lines, len(r.files) - 1, info, r, route, since, until)
+    except OSError as exc:  # EIO
+        info.error = exc.strerror or type(exc).__name__
+    info.incomplete_tail = lines.incomplete_tail
+    info.stopped = source.stopped
+    if source.error is not None:
+        info.error = source.error
+    elif not source.pipe and r.kept < MAX_KEPT_OPEN:
+        # Pass 2 reads the very file pass 1 read, even if it is renamed (rotated) since.
+        info.fd = source.detach()
+        r.kept += 1
+
+
 def _read(
-    f: Any,
+    lines: Lines,
     index: int,
     info: FileInfo,
     r: Reading,
@@ -171,39 +202,23 @@ def _read(
     since: float | None,
     until: float | None,
 ) -> None:
-    loads = json.loads
-    readline = f.readline
     starts, walls, cpus, dbs, pools, loops = r.start, r.wall, r.cpu, r.db, r.pool, r.loop
     offsets, files, routes = r.offset, r.file, r.routes
     lo = -1.0 if since is None else since
     hi = _MAX_START if until is None else min(until, _MAX_START)
     # pid -> the unsupported record version its meta line declared, in this file
     unsupported: dict[int, int] = {}
-    spool = None if f.seekable() else tempfile.TemporaryFile()  # noqa: SIM115
+    spool = tempfile.TemporaryFile() if lines.source.pipe else None  # noqa: SIM115
     info.spool = spool
-    pos = 0
-    while True:
-        line = readline(MAX_LINE + 1)
-        if not line:
-            break
-        here = pos
-        pos += len(line)
+    for here, line in lines:
         info.lines += 1
-        if line[-1] != 10:  # no newline: too long, or the last line of the file
-            if len(line) > MAX_LINE:
-                pos += _drain(readline)
-                info.overlong += 1
-                continue
-            try:
-                loads(line)
-            except (ValueError, RecursionError):
-                info.incomplete_tail = True  # a writer is mid-line: not an error
-                info.lines -= 1
-                break
+        if line is None:
+            info.overlong += 1
+            continue
         try:
-            d = loads(line)
+            d = decode(line)
         except (ValueError, RecursionError) as exc:
-            if not line.isspace():
+            if line and not line.isspace():
                 _malformed(info, f"line is not JSON ({type(exc).__name__})")
             continue
         if type(d) is not dict:
@@ -216,37 +231,15 @@ def _read(
             info.versions[v] = info.versions.get(v, 0) + 1
             continue
         if kind == "request":
-            try:
-                start = d["start"]
-                wall = d["wall_ms"]
-                cpu = d["cpu_ms"]
-                db = d["db_ms"]
-                pool = d["pool_wait_ms"]
-                loop = d.get("loop_wait_ms", 0.0)  # older files have none
-                route = d.get("route")
-                status = d.get("status")
-                error = d.get("error")
-                ok = (
-                    type(pid) is int
-                    and 0.0 <= start < _MAX_START
-                    and 0.0 <= wall <= _MAX_MS
-                    and 0.0 <= cpu <= _MAX_MS
-                    and 0.0 <= db <= _MAX_MS
-                    and 0.0 <= pool <= _MAX_MS
-                    and 0.0 <= loop <= _MAX_MS
-                    and (route is None or type(route) is str)
-                    and (status is None or type(status) is int)
-                    and (error is None or type(error) is str)
-                    and type(d.get("segments", _NO_SEGMENTS)) is list
-                )
-            except (KeyError, TypeError):
-                ok = False
-            if not ok:
+            if not _valid_request(d):
                 _malformed(info, _why_request(d))
                 continue
+            start = d["start"]
             info.requests += 1
             if not lo <= start < hi:
                 continue
+            route = d.get("route")
+            loop = d.get("loop_wait_ms", 0.0)  # older files have none
             if loop:
                 r.loops.add_loop_segments(pid, start, d.get("segments", _NO_SEGMENTS))
             if route_filter is not None and route != route_filter:
@@ -255,6 +248,11 @@ def _read(
             if spool is not None:
                 here = spool.tell()
                 spool.write(line)
+                spool.write(b"\n")
+            wall = d["wall_ms"]
+            cpu = d["cpu_ms"]
+            db = d["db_ms"]
+            pool = d["pool_wait_ms"]
             starts.append(start)
             walls.append(wall)
             cpus.append(cpu)
@@ -271,7 +269,8 @@ def _read(
             acc.pool += pool
             acc.loop += loop
             acc.walls.append(wall)
-            if error is not None or (status is not None and status >= 500):
+            status = d.get("status")
+            if d.get("error") is not None or (status is not None and status >= 500):
                 acc.errors += 1
                 r.errors += 1
             proc = r.processes.get(pid) or r.process(pid)
@@ -286,8 +285,11 @@ def _read(
         elif kind == "process":
             try:
                 sample = ProcessSample.from_dict(d)
-            except RecordError as exc:
-                _malformed(info, str(exc))
+            except (RecordError, OverflowError) as exc:
+                _malformed(info, _reason(exc))
+                continue
+            if not -_MAX_PID <= sample.pid < _MAX_PID:
+                _malformed(info, _NOT_A_PID)
                 continue
             info.other += 1
             if lo <= sample.time < hi:
@@ -297,8 +299,11 @@ def _read(
         elif kind == "stall":
             try:
                 stall = Stall.from_dict(d)
-            except (RecordError, TypeError) as exc:
-                _malformed(info, str(exc))
+            except (RecordError, TypeError, OverflowError) as exc:
+                _malformed(info, _reason(exc))
+                continue
+            if not -_MAX_PID <= stall.pid < _MAX_PID:
+                _malformed(info, _NOT_A_PID)
                 continue
             info.other += 1
             if lo <= stall.time < hi and (route_filter is None or stall.route == route_filter):
@@ -311,8 +316,8 @@ def _read(
                 continue
             try:
                 Meta.from_dict(d)
-            except RecordError as exc:
-                _malformed(info, str(exc))
+            except (RecordError, OverflowError) as exc:
+                _malformed(info, _reason(exc))
                 continue
             info.other += 1
             if type(pid) is int:
@@ -321,18 +326,87 @@ def _read(
             info.unknown += 1
 
 
+def _valid_request(d: dict[str, Any]) -> bool:
+    """Whether ``RequestRecord.from_dict(d)`` accepts ``d``, its start is a plausible Unix
+    time and its pid fits in 64 bits: the reference parser's every check, without
+    building a record.
+
+    Pass 2 reads the window's records with the reference parser: a request counted here
+    must be one it can read. (JSON gives exact types: ``type(v) is str`` is isinstance.)
+    """
+    try:
+        pid = d["pid"]
+        start = d["start"]
+        wall = d["wall_ms"]
+        cpu = d["cpu_ms"]
+        db = d["db_ms"]
+        pool = d["pool_wait_ms"]
+        loop = d.get("loop_wait_ms", 0.0)
+        queries = d["db_queries"]
+        dropped = d.get("segments_dropped", 0)
+        route = d.get("route")
+        status = d.get("status")
+        error = d.get("error")
+        rss = d.get("rss_bytes")
+        segments = d.get("segments", _NO_SEGMENTS)
+        blocked = d.get("blocked_by")
+        # `0.0 <= v` raises TypeError for a string, null, list or object and is False for
+        # NaN; only a bool (an int to Python) needs telling apart.
+        if not (
+            type(pid) is int
+            and -_MAX_PID <= pid < _MAX_PID
+            and type(d["id"]) is str
+            and type(d["method"]) is str
+            and type(d["path"]) is str
+            and 0.0 <= start < _MAX_START
+            and 0.0 <= wall <= _MAX_MS
+            and 0.0 <= cpu <= _MAX_MS
+            and 0.0 <= db <= _MAX_MS
+            and 0.0 <= pool <= _MAX_MS
+            and 0.0 <= loop <= _MAX_MS
+            and type(queries) is int
+            and queries >= 0
+            and type(dropped) is int
+            and dropped >= 0
+            and (route is None or type(route) is str)
+            and (status is None or type(status) is int)
+            and (error is None or type(error) is str)
+            and (rss is None or type(rss) is int)
+            and type(segments) is list
+            and bool not in (type(start), type(wall), type(cpu), type(db), type(pool), type(loop))
+        ):
+            return False
+        for seg in segments:
+            if type(seg) is not list or len(seg) != 3:
+                return False
+            kind, a, b = seg
+            if type(kind) is not str:
+                return False
+            if kind in SEGMENT_KINDS and (
+                not 0.0 <= a <= b <= _MAX_MS or type(a) is bool or type(b) is bool
+            ):
+                return False
+        if blocked is not None:
+            if type(blocked) is not dict:
+                return False
+            held = blocked["held_ms"]
+            on_cpu = blocked["cpu_ms"]
+            return (
+                all(blocked.get(k) is None or type(blocked[k]) is str for k in _BLOCKED_STR)
+                and 0.0 <= held <= _MAX_MS
+                and 0.0 <= on_cpu <= _MAX_MS
+                and type(held) is not bool
+                and type(on_cpu) is not bool
+            )
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
 _DATA = frozenset(("request", "process", "stall"))  # lines a process writes after its meta line
 _NO_SEGMENTS: list[Any] = []
-
-
-def _drain(readline: Any) -> int:
-    """Read past the rest of an over-long line, a chunk at a time; return its length."""
-    n = 0
-    while True:
-        chunk = readline(MAX_LINE)
-        n += len(chunk)
-        if not chunk or chunk[-1] == 10:
-            return n
+_BLOCKED_STR = ("id", "method", "route")
+_NOT_A_PID = "field 'pid' is not a process id"
 
 
 def _malformed(info: FileInfo, reason: str) -> None:
@@ -344,10 +418,18 @@ def _malformed(info: FileInfo, reason: str) -> None:
 def _why_request(d: dict[str, Any]) -> str:
     # Only for lines that failed the quick checks: the reference parser says why.
     try:
-        RequestRecord.from_dict(d)
-    except RecordError as exc:
-        return str(exc)
+        record = RequestRecord.from_dict(d)
+    except (RecordError, OverflowError) as exc:
+        return _reason(exc)
+    if not -_MAX_PID <= record.pid < _MAX_PID:
+        return _NOT_A_PID
     return "field 'start' is not a plausible Unix time."
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OverflowError):  # an integer literal of hundreds of digits
+        return "a number is too large to be a float"
+    return str(exc)
 
 
 def _add_sample(r: Reading, s: ProcessSample) -> None:
@@ -380,7 +462,7 @@ def read_records(reading: Reading, indices: list[int]) -> tuple[list[RequestReco
     for index, wanted in by_file.items():
         info = reading.files[index]
         try:
-            with open(info.path, "rb") if info.spool is None else info.spool as f:
+            with _again(info) as f:
                 for i in sorted(wanted, key=reading.offset.__getitem__):
                     f.seek(reading.offset[i])
                     record = _record(f.readline(MAX_LINE + 1))
@@ -394,13 +476,31 @@ def read_records(reading: Reading, indices: list[int]) -> tuple[list[RequestReco
     return out, failed
 
 
+def _again(info: FileInfo) -> Any:
+    """The file pass 1 read, to be read again (and closed) by the caller."""
+    if info.spool is not None:
+        return info.spool
+    if info.fd is not None:
+        fd, info.fd = info.fd, None
+        return open(fd, "rb")
+    # Past MAX_KEPT_OPEN: by name, and only if it is still the same file.
+    f = open(info.path, "rb")  # noqa: SIM115 (returned to the caller's `with`)
+    st = os.fstat(f.fileno())
+    if (st.st_dev, st.st_ino) != info.ident:
+        f.close()
+        raise FileNotFoundError(f"{info.path} is no longer the file first read")
+    return f
+
+
 def _record(line: bytes) -> RequestRecord | None:
+    if line.endswith(b"\n"):
+        line = line[:-1]  # as pass 1 saw it
     try:
-        d = json.loads(line)
+        d = decode(line)
         if type(d) is not dict or d.get("type") != "request":
             return None
         r = RequestRecord.from_dict(d)
-    except (ValueError, RecursionError):  # RecordError is a ValueError
+    except (ValueError, RecursionError, OverflowError):  # RecordError is a ValueError
         return None
     return replace(
         r,
