@@ -386,4 +386,4 @@ def test_demo_compare_sync_runs_as_many_sync_workers_as_estimated() -> None:
         assert float(side[4]) > 0  # memory
     assert _demo_leftovers() == before, "the demo removes its temporary files"
     assert not _processes_using("loopwatch-demo-"), "the demo stops its database"
-    assert not _processes_using("loopwatch.cli.sync_app"), "the demo stops its sync workers"
+    assert not _processes_using("sync_app:create_app"), "the demo stops its sync workers"

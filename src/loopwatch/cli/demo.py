@@ -77,6 +77,10 @@ def _served(
     sync app under ``gunicorn -w sync_workers``, in a child process on a free port;
     yields its base URL and pid."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # uvicorn wraps a socket it is given as if it were a Unix one and never sets
+    # TCP_NODELAY, so a response on a reused connection would wait ~40 ms for the
+    # client's delayed ACK; accepted connections inherit the option from here.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -87,9 +91,12 @@ def _served(
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "loopwatch.cli.demo_app:create_app",
                "--fd", str(sock.fileno()), "--log-level", "warning", "--no-access-log"]  # fmt: skip
     else:
+        # The sync app as a top-level module: imported through the loopwatch package it
+        # would also load asyncpg and asyncio, ~4 MB a worker no Flask app holds.
         cmd = [sys.executable, "-m", "gunicorn", "-w", str(sync_workers), "-k", "sync",
                "-b", f"fd://{sock.fileno()}", "--backlog", "2048", "--timeout", "120",
-               "--log-level", "warning", "loopwatch.cli.sync_app:create_app()"]  # fmt: skip
+               "--log-level", "warning", "--pythonpath", str(Path(__file__).parent),
+               "sync_app:create_app()"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL)
     sock.close()
     try:
