@@ -1,18 +1,23 @@
 """The record file: its mode and content, and what happens when it cannot be written.
 
 Tests that look at the writer's counters or at loopwatch's failure log drive an app in
-this process through httpx's ASGITransport; the others run a real uvicorn server. The
-record file, the filesystem errors and the FIFO are all real.
+this process through httpx's ASGITransport; the others run a real server. The record
+file, the filesystem errors (a full tmpfs, the file size limit), the locks and the FIFO
+are all real.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
+import importlib.util
 import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -39,6 +44,7 @@ from .helpers import read_lines, requests_in, wait_for_requests
 
 OPEN_FAILED = "opening the record file"
 WRITE_FAILED = "writing the record file"
+REFUSED = "accepting the record file"
 
 
 @pytest.fixture
@@ -302,11 +308,53 @@ async def test_unwritable_path_counts_and_logs_once(
     assert afile.read_text() == "not a directory\n"
 
 
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB filesystem (tmpfs) to fill up: mounting it needs root."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        # Lazily: a writer of the test may still hold the record file open.
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(mnt: Path, leave: int) -> Path:
+    """Fill the filesystem but for ``leave`` bytes (tmpfs counts whole pages)."""
+    filler = mnt / "filler"
+    free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+    filler.write_bytes(b"x" * (free - leave))
+    assert os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize == leave
+    return filler
+
+
+def _split(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """A file's JSON lines, and the lines that are not JSON (torn fragments)."""
+    good, bad = [], []
+    for raw in path.read_bytes().splitlines():
+        try:
+            good.append(json.loads(raw))
+        except ValueError:
+            bad.append(raw)
+    return good, bad
+
+
 async def test_full_disk_counts_and_logs_once(
-    isolated: None, caplog: pytest.LogCaptureFixture
+    small_fs: Path, isolated: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = make_app(file="/dev/full")  # every write fails with ENOSPC
-    writer = writer_for("/dev/full", 10_000)
+    _fill(small_fs, 0)  # every write fails with ENOSPC; creating the empty file works
+    path = small_fs / "records.jsonl"
+    app = make_app(file=str(path))
+    writer = writer_for(str(path), 10_000)
+    state.sinks.remove(writer.submit)
 
     statuses: list[int] = []
     with caplog.at_level(logging.ERROR, logger="loopwatch"):
@@ -315,44 +363,147 @@ async def test_full_disk_counts_and_logs_once(
             writer.flush()
 
     assert statuses == [200] * 15
-    assert _failures.counts().get(WRITE_FAILED, 0) >= 3
+    assert _failures.counts().get(WRITE_FAILED, 0) == 3
     logs = loopwatch_logs(caplog)
     assert len(logs) == 1, logs
     assert f"[Errno {errno.ENOSPC}]" in logs[0]
     assert writer.written == 0
-    assert writer.dropped >= 15
+    assert writer.dropped == 15
+    assert path.read_bytes() == b""
 
 
-def _drain_fifo(fifo: Path, writer: _writer.FileWriter) -> bytes:
-    """Open the FIFO for reading, which lets the writer's blocked open() return; close the
-    writer and read what it wrote (small: at most queue_size + 1 records and a meta line)."""
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        writer.close()
-        data = b""
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:  # a writer still has it open
-                time.sleep(0.05)
-                continue
-            if not chunk:
-                return data
-            data += chunk
-    finally:
-        os.close(fd)
+async def test_short_write_on_a_full_disk_counts_exactly_and_leaves_no_fragment(
+    small_fs: Path, isolated: None
+) -> None:
+    filler = _fill(small_fs, 4096)  # one page left: the batch below needs about three
+    path = small_fs / "records.jsonl"
+    app = make_app(file=str(path))
+    writer = writer_for(str(path), 10_000)
+    state.sinks.remove(writer.submit)  # request records only: the counts are exact
+
+    assert await get_all(app, ["/plain"] * 30) == [200] * 30
+    writer.flush()  # meta line and 30 records in one write: it stops after 4096 bytes
+
+    good, bad = _split(path)
+    assert bad == [], "the torn line is cut off the end of the file"
+    assert path.read_bytes().endswith(b"\n")
+    requests = [d for d in good if d["type"] == "request"]
+    assert 0 < len(requests) < 30
+    assert writer.written == len(requests), "what reached the file counts as written"
+    assert writer.dropped == 30 - len(requests), "only what did not is dropped"
+
+    filler.unlink()  # space is back
+    assert await get_all(app, ["/sleep"] * 5) == [200] * 5
+    writer.flush()
+    good, bad = _split(path)
+    assert bad == []
+    assert [d["type"] for d in good].count("meta") == 1, "one meta line per file"
+    assert good[0]["type"] == "meta"
+    assert sum(d["type"] == "request" for d in good) == writer.written == len(requests) + 5
+    assert writer.written + writer.dropped == 35
 
 
-async def test_blocked_file_never_blocks_requests(tmp_path: Path, isolated: None) -> None:
-    fifo = tmp_path / "records.fifo"
-    os.mkfifo(fifo)  # no reader: the writer thread blocks in open()
-    app = make_app(file=str(fifo), queue_size=50)
-    writer = writer_for(str(fifo), 50)
+# The file size limit (RLIMIT_FSIZE) gives short writes at an exact byte, in one process.
+_SHORT_WRITES = textwrap.dedent(
+    """
+    import asyncio, fcntl, json, os, resource, signal, sys
+    import httpx
+    from loopwatch._capture.process import state
+    from loopwatch.export.writer import writer_for
+    from tests.file_apps import make_app
+
+    path, shared = sys.argv[1], sys.argv[2] == "shared"
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    app = make_app(file=path)
+    writer = writer_for(path, 10_000)
+    state.sinks.remove(writer.submit)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def get(route, n):
+        async def main():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                for _ in range(n):
+                    assert (await c.get(route)).status_code == 200
+        asyncio.run(main())
+        writer.flush()
+
+    # 1. The very first write stops 150 bytes in: the meta line is whole, a record is not.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (150, hard))
+    get("/plain", 3)
+    first = dict(written=writer.written, dropped=writer.dropped)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    get("/ready", 2)
+    # 2. A later write stops 100 bytes past its first record.
+    record = len(open(path, "rb").read().splitlines()[-1]) + 1
+    if shared:
+        # Another writer of the file holds a shared lock: the fragment cannot be cut off.
+        other = os.open(path, os.O_WRONLY | os.O_APPEND)
+        fcntl.flock(other, fcntl.LOCK_SH)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + record + 100, hard))
+    get("/plain", 5)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    get("/sleep", 3)
+    print(json.dumps(dict(first=first, written=writer.written, dropped=writer.dropped)))
+    """
+)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["alone", "shared"])
+def test_short_writes_count_exactly_and_write_the_meta_line_once(
+    record_file: Path, shared: bool
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _SHORT_WRITES, str(record_file), "shared" if shared else ""],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    counts = json.loads(done.stdout.decode().splitlines()[-1])
+    good, bad = _split(record_file)
+    kinds = [d["type"] for d in good]
+    assert kinds.count("meta") == 1, "the meta line reached the file once: never again"
+    assert kinds[0] == "meta"
+    paths = [d["path"] for d in good if d["type"] == "request"]
+    assert counts["first"] == {"written": 0, "dropped": 3}
+    assert paths.count("/ready") == 2
+    assert paths.count("/plain") == 1, "the record before the cut is in the file"
+    assert paths.count("/sleep") == 3, "every record written once space is back is whole"
+    assert counts["written"] == len(paths) == 6
+    assert counts["dropped"] == 3 + 4
+    if shared:
+        # Left in place (another process could have appended after it), and ended with a
+        # newline: one malformed line that a reader skips and counts, never a record.
+        assert len(bad) == 1
+        assert bad[0].startswith(b'{"type":"request"')
+        assert 90 <= len(bad[0]) <= 110  # records differ by a few bytes in their figures
+    else:
+        assert bad == [], "the fragment is cut off the end of a file no one else writes"
+
+
+def _hold_lock(path: Path) -> int:
+    """Take an exclusive lock on the record file, as another program might: the writer
+    thread then blocks taking its shared lock, as it would on a hung mount."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+async def test_blocked_file_never_blocks_requests(record_file: Path, isolated: None) -> None:
+    app = make_app(file=str(record_file), queue_size=50)
+    writer = writer_for(str(record_file), 50)
+    state.sinks.remove(writer.submit)
+    assert await get_all(app, ["/ready"]) == [200]
+    writer.flush()
+    holder = _hold_lock(record_file)
     try:
         assert await get_all(app, ["/plain"]) == [200]
-        # The first record starts the writer thread, which takes it and blocks opening.
+        # The writer thread takes that record and blocks on the lock.
         deadline = time.monotonic() + 10
-        while writer._queue or writer._thread is None:
+        while writer._queue:
             assert time.monotonic() < deadline, "the writer thread never took the record"
             await asyncio.sleep(0.01)
 
@@ -369,21 +520,20 @@ async def test_blocked_file_never_blocks_requests(tmp_path: Path, isolated: None
         assert statuses == [200] * 200
         assert elapsed < 5, f"200 requests took {elapsed:.1f} s"
         assert max(lengths) == 50, "the queue fills up to queue_size and no further"
-        assert writer.dropped >= 150
-        assert writer.written == 0
+        assert writer.dropped == 150
+        assert writer.written == 1
     finally:
-        data = _drain_fifo(fifo, writer)
+        os.close(holder)  # releases the lock
+    writer.close()
 
-    lines = [json.loads(x) for x in data.decode().splitlines()]
-    assert lines[0]["type"] == "meta"
-    n_requests = sum(d["type"] == "request" for d in lines)
-    assert 1 <= n_requests <= 51
-    assert n_requests + writer.dropped >= 201
+    plain = [d for d in requests_in(record_file) if d["path"] == "/plain"]
+    assert len(plain) == 51
+    assert len(plain) + writer.dropped == 201
 
 
 _EXIT_WITH_BLOCKED_WRITER = textwrap.dedent(
     """
-    import asyncio, sys, time
+    import asyncio, fcntl, os, sys, time
     import httpx
     from loopwatch.export.writer import writer_for
     from tests.file_apps import make_app
@@ -398,6 +548,10 @@ _EXIT_WITH_BLOCKED_WRITER = textwrap.dedent(
 
     asyncio.run(main())
     writer = writer_for(path, 10_000)
+    writer.flush()
+    holder = os.open(path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # held until the process is gone
+    asyncio.run(main())
     deadline = time.monotonic() + 10
     while writer._queue and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -406,12 +560,10 @@ _EXIT_WITH_BLOCKED_WRITER = textwrap.dedent(
 )
 
 
-def test_exit_does_not_hang_on_a_blocked_record_file(tmp_path: Path) -> None:
-    fifo = tmp_path / "records.fifo"
-    os.mkfifo(fifo)  # never opened for reading: the writer thread stays in open()
+def test_exit_does_not_hang_on_a_blocked_record_file(record_file: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _EXIT_WITH_BLOCKED_WRITER, str(fifo)],
+        [sys.executable, "-c", _EXIT_WITH_BLOCKED_WRITER, str(record_file)],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -426,53 +578,293 @@ def test_exit_does_not_hang_on_a_blocked_record_file(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
-_DISK_FULL_MID_LINE = textwrap.dedent(
-    """
-    import asyncio, os, resource, signal, sys
-    import httpx
-    from loopwatch.export.writer import writer_for
-    from tests.file_apps import make_app
+# --- a file someone else made ----------------------------------------------------------------
 
-    path = sys.argv[1]
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-    app = make_app(file=path)
-    writer = writer_for(path, 10_000)
+OTHER_UID = 54_321
 
-    async def get(paths):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            for p in paths:
-                assert (await client.get(p)).status_code == 200
 
-    asyncio.run(get(["/plain"]))
+def _precreate(path: Path, how: str) -> Iterator[None]:
+    if how == "fifo":
+        os.mkfifo(path, 0o600)
+        return
+    if how == "hardlink":
+        original = path.with_name("original")
+        original.write_bytes(b"")
+        original.chmod(0o600)
+        os.link(original, path)
+        return
+    path.write_bytes(b"")
+    uid, mode = {
+        "other-user-0666": (OTHER_UID, 0o666),
+        "other-user-0600": (OTHER_UID, 0o600),
+        "own-0644": (os.geteuid(), 0o644),
+    }[how]
+    os.chown(path, uid, uid)
+    path.chmod(mode)
+
+
+REFUSALS = {
+    "other-user-0666": f"is owned by uid {OTHER_UID}",
+    "other-user-0600": f"is owned by uid {OTHER_UID}",
+    "own-0644": "has mode 0644: group or others may read it",
+    "fifo": "is not a regular file",
+    "hardlink": "has 2 hard links",
+}
+
+
+@pytest.mark.parametrize("how", list(REFUSALS))
+async def test_a_file_someone_else_made_is_refused(
+    tmp_path: Path, isolated: None, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    if how.startswith("other-user") and os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    path = tmp_path / "records.jsonl"
+    _precreate(path, how)
+    before = os.stat(path)
+    reader = None
+    if how == "fifo":  # someone reads it: opening it for writing would succeed
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        app = make_app(file=str(path))
+        writer = writer_for(str(path), 10_000)
+        state.sinks.remove(writer.submit)
+        with caplog.at_level(logging.ERROR, logger="loopwatch"):
+            statuses = await get_all(app, ["/plain"] * 10)
+            writer.flush()
+        if reader is not None:  # nothing was written into it
+            with contextlib.suppress(BlockingIOError):
+                assert os.read(reader, 1) == b""
+    finally:
+        if reader is not None:
+            os.close(reader)
+
+    assert statuses == [200] * 10
+    after = os.stat(path)
+    assert (after.st_mode, after.st_uid, after.st_size) == (
+        before.st_mode,
+        before.st_uid,
+        before.st_size,
+    ), "left exactly as it was"
+    assert writer.written == 0
+    assert writer.dropped == 10
+    assert _failures.counts() == {REFUSED: 1}
+    logs = loopwatch_logs(caplog)
+    assert len(logs) == 1, logs
+    assert str(path) in logs[0]
+    assert REFUSALS[how] in logs[0]
+    assert "the app is unaffected" in logs[0]
+
+
+# --- rotation ---------------------------------------------------------------------------------
+
+
+async def _record(app: Any, writer: _writer.FileWriter, n: int, route: str = "/plain") -> None:
+    assert await get_all(app, [route] * n) == [200] * n
     writer.flush()
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    # The disk fills up 100 bytes into the next batch: a short write, then an error.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 100, hard))
-    asyncio.run(get(["/plain"] * 5))
-    writer.flush()
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space is freed
-    asyncio.run(get(["/sleep"] * 3))
-    writer.flush()
-    """
-)
 
 
-def test_records_after_a_full_disk_are_whole_lines(record_file: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(
-        [sys.executable, "-c", _DISK_FULL_MID_LINE, str(record_file)],
-        env=env,
-        cwd=ROOT,
-        check=True,
-        timeout=60,
+def _seqs(lines: list[dict[str, Any]]) -> list[int]:
+    return [int(d["id"].rsplit("-", 1)[1]) for d in lines if d["type"] == "request"]
+
+
+async def test_a_file_renamed_away_is_reopened_at_its_path(
+    record_file: Path, isolated: None
+) -> None:
+    # logrotate's default (create) mode: rename the file, and let the writer make a new one.
+    app = make_app(file=str(record_file))
+    writer = writer_for(str(record_file), 10_000)
+    state.sinks.remove(writer.submit)
+    await _record(app, writer, 3)
+    rotated = record_file.with_name("records.jsonl.1")
+    os.rename(record_file, rotated)
+    await _record(app, writer, 4)
+
+    old, new = read_lines(rotated), read_lines(record_file)
+    assert [d["type"] for d in old] == ["meta"] + ["request"] * 3
+    assert [d["type"] for d in new] == ["meta"] + ["request"] * 4, "a new file, its own meta"
+    assert _seqs(old) + _seqs(new) == sorted(_seqs(old) + _seqs(new))
+    assert stat.S_IMODE(os.stat(record_file).st_mode) == 0o600
+    assert writer.written == 7
+    assert writer.dropped == 0
+
+
+async def test_a_deleted_file_is_made_again(record_file: Path, isolated: None) -> None:
+    app = make_app(file=str(record_file))
+    writer = writer_for(str(record_file), 10_000)
+    state.sinks.remove(writer.submit)
+    await _record(app, writer, 3)
+    os.unlink(record_file)
+    await _record(app, writer, 2)
+    assert [d["type"] for d in read_lines(record_file)] == ["meta", "request", "request"]
+
+
+async def test_a_recreated_directory_gets_a_new_file(tmp_path: Path, isolated: None) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    path = directory / "records.jsonl"
+    app = make_app(file=str(path))
+    writer = writer_for(str(path), 10_000)
+    state.sinks.remove(writer.submit)
+    await _record(app, writer, 3)
+    shutil.rmtree(directory)
+    directory.mkdir()
+    await _record(app, writer, 5)
+    assert [d["type"] for d in read_lines(path)] == ["meta"] + ["request"] * 5
+    assert writer.written == 8
+    assert writer.dropped == 0
+
+
+async def test_a_deleted_directory_drops_counts_and_logs_once(
+    tmp_path: Path, isolated: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    path = directory / "records.jsonl"
+    app = make_app(file=str(path))
+    writer = writer_for(str(path), 10_000)
+    state.sinks.remove(writer.submit)
+    await _record(app, writer, 3)
+    shutil.rmtree(directory)
+    with caplog.at_level(logging.ERROR, logger="loopwatch"):
+        await _record(app, writer, 5)
+        await _record(app, writer, 5)
+    assert writer.written == 3
+    assert writer.dropped == 10, "not written into the deleted file"
+    logs = loopwatch_logs(caplog)
+    assert len(logs) == 1, logs
+    assert f"[Errno {errno.ENOENT}]" in logs[0]
+
+
+async def test_max_bytes_rotates_as_rotating_file_handler_names_files(
+    record_file: Path, isolated: None
+) -> None:
+    max_bytes = 3000
+    app = make_app(file=str(record_file), max_bytes=max_bytes, backup_count=3)
+    writer = writer_for(str(record_file), 10_000, max_bytes, 3)
+    state.sinks.remove(writer.submit)
+    for _ in range(24):
+        await _record(app, writer, 3)
+    await _record(app, writer, 3, "/sleep")
+
+    names = sorted(p.name for p in record_file.parent.iterdir())
+    assert names == ["records.jsonl", "records.jsonl.1", "records.jsonl.2", "records.jsonl.3"]
+    chain = [record_file.with_name(f"records.jsonl.{n}") for n in (3, 2, 1)] + [record_file]
+    seqs: list[int] = []
+    for path in chain:  # oldest first
+        lines = read_lines(path)
+        assert lines[0]["type"] == "meta", f"{path.name} starts with the meta line"
+        assert [d["type"] for d in lines].count("meta") == 1
+        size = path.stat().st_size
+        assert size <= max_bytes, f"{path.name} has {size} bytes"
+        if path != record_file:
+            assert size > max_bytes - 600, "rotated only when the next line did not fit"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        seqs += _seqs(lines)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "in order, none missing"
+    assert [d["path"] for d in read_lines(record_file)[-3:]] == ["/sleep"] * 3, "newest last"
+    assert writer.written == 75
+    assert writer.dropped == 0
+
+
+async def test_a_line_longer_than_max_bytes_goes_alone_into_a_file(
+    record_file: Path, isolated: None
+) -> None:
+    app = make_app(file=str(record_file), max_bytes=100, backup_count=10)
+    writer = writer_for(str(record_file), 10_000, 100, 10)
+    state.sinks.remove(writer.submit)
+    await _record(app, writer, 3)
+    # A record (~300 bytes) exceeds max_bytes on its own: each file holds one, after the
+    # meta line that every file starts with.
+    files = sorted(record_file.parent.iterdir())
+    assert len(files) == 3
+    assert writer.written == 3
+    for path in files:
+        assert [d["type"] for d in read_lines(path)] == ["meta", "request"], path.name
+
+
+def test_max_bytes_and_backup_count_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, isolated: None
+) -> None:
+    path = tmp_path / "records.jsonl"
+    monkeypatch.setenv("LOOPWATCH_MAX_BYTES", "1000000")
+    monkeypatch.setenv("LOOPWATCH_BACKUP_COUNT", "7")
+    make_app(file=str(path))
+    writer = writer_for(str(path), 10_000, 1_000_000, 7)
+    assert (writer.max_bytes, writer.backup_count) == (1_000_000, 7)
+
+    monkeypatch.setenv("LOOPWATCH_MAX_BYTES", "10MB")
+    with pytest.raises(ValueError, match="LOOPWATCH_MAX_BYTES must be a whole number"):
+        make_app(file=str(path))
+    monkeypatch.delenv("LOOPWATCH_MAX_BYTES")
+    with pytest.raises(ValueError, match="max_bytes must be a positive number of bytes"):
+        make_app(file=str(path), max_bytes=0)
+    with pytest.raises(ValueError, match="backup_count must be at least 1"):
+        make_app(file=str(path), max_bytes=1000, backup_count=0)
+
+
+def _gunicorn_workers(n: int) -> list[str]:
+    if importlib.util.find_spec("uvicorn_worker") is None:
+        pytest.skip("uvicorn-worker is not installed")
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-k",
+        "uvicorn_worker.UvicornWorker",
+        "-w",
+        str(n),
+        "--bind",
+        "127.0.0.1:{port}",
+        "--log-level",
+        "warning",
+        "tests.apps:app",
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_worker_processes_rotate_one_file_without_losing_or_double_rotating(
+    record_file: Path,
+) -> None:
+    max_bytes, n_requests = 20_000, 600
+    env = {
+        "LOOPWATCH_FILE": str(record_file),
+        "LOOPWATCH_MAX_BYTES": str(max_bytes),
+        "LOOPWATCH_BACKUP_COUNT": "1000",  # keep every file: all records must be there
+    }
+
+    async def fire(url: str) -> None:
+        limits = httpx.Limits(max_connections=40, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+            sem = asyncio.Semaphore(40)
+
+            async def one() -> int:
+                async with sem:
+                    return (await client.get(f"{url}/plain")).status_code
+
+            statuses = await asyncio.gather(*(one() for _ in range(n_requests)))
+        assert statuses == [200] * n_requests
+
+    with serve("", env, command=_gunicorn_workers(4)) as server:
+        asyncio.run(fire(server.url))
+
+    rotated = sorted(
+        (p for p in record_file.parent.iterdir() if p.name != record_file.name),
+        key=lambda p: int(p.suffix[1:]),
     )
-    after = []
-    for line in record_file.read_text(encoding="utf-8").splitlines():
-        try:
-            d = json.loads(line)
-        except ValueError:
-            continue  # the torn line of the failed batch itself is lost, not the next one
-        if d["type"] == "request" and d["path"] == "/sleep":
-            after.append(d)
-    assert len(after) == 3, "every record written once space is back must be a whole line"
+    assert len(rotated) >= 5
+    assert [int(p.suffix[1:]) for p in rotated] == list(range(1, len(rotated) + 1))
+    ids: list[str] = []
+    for path in [*reversed(rotated), record_file]:
+        lines = read_lines(path)  # every line whole: no two processes' lines interleave
+        first_of: dict[int, str] = {}
+        for d in lines:
+            first_of.setdefault(d["pid"], d["type"])
+        assert set(first_of.values()) == {"meta"}, f"{path.name}: a meta line first per process"
+        ids += [d["id"] for d in lines if d["type"] == "request" and d["path"] == "/plain"]
+        size = path.stat().st_size
+        assert size <= max_bytes, (path.name, size)
+        if path != record_file:
+            # A second rotation of a file just made would leave one nearly empty.
+            assert size > max_bytes - 2048, (path.name, size)
+    assert len(ids) == n_requests
+    assert len(set(ids)) == n_requests

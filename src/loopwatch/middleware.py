@@ -18,7 +18,8 @@ from ._capture.process import state
 from ._capture.steps import StepTimer, TaskFactory, install_task_factory
 from ._capture.trace import Trace, current
 from ._capture.watchdog import DEFAULT_STALL_S, learn_base
-from .export.writer import writer_for
+from .export.sql import QUERY_TEXT_MODES, QueryText
+from .export.writer import SHUTDOWN_WAIT_S, FileWriter, writer_for
 from .record import BlockedBy, RequestRecord
 
 if TYPE_CHECKING:
@@ -41,14 +42,23 @@ class LoopWatch:
     pool wait and the process's memory.
 
     ``file`` is the record file's path (default ``$LOOPWATCH_FILE`` or
-    ``./loopwatch.jsonl``; ``None`` turns file recording off). ``sinks`` are extra
-    callables that receive each finished :class:`~loopwatch.record.RequestRecord` on the
-    event loop's thread; they must be quick and must not block.
+    ``./loopwatch.jsonl``; ``None`` turns file recording off). With ``max_bytes`` (default
+    ``$LOOPWATCH_MAX_BYTES``, else unbounded) the file is rotated before it would grow past
+    that size, keeping ``backup_count`` (default ``$LOOPWATCH_BACKUP_COUNT``, else 5)
+    rotated files: ``PATH.1`` the newest. What is queued is written when the server shuts
+    down (the ASGI lifespan's ``shutdown.complete``, waiting at most 2 s) and at exit.
+    ``sinks`` are extra callables that receive each finished
+    :class:`~loopwatch.record.RequestRecord` on the event loop's thread; they must be
+    quick and must not block.
 
     OpenTelemetry: with an SDK tracer provider configured (``tracer_provider``, default
     the global one), each request gets a server span (or loopwatch's attributes on the
     server span OpenTelemetry's ASGI middleware made) and each query a client span
     (``query_spans=False`` keeps only the request's). ``spans=False`` turns spans off.
+    A query span's ``db.query.text`` has every literal value replaced by ``?``
+    (``query_text="sanitized"``); ``query_text="raw"`` puts the text as sent, values and
+    all, into the spans (unsafe: passwords and personal data in the SQL reach the
+    collector), ``query_text="off"`` leaves it out.
     With an SDK meter provider (``meter_provider``, default the global one) it records
     request, pool, memory and event-loop metrics; ``metrics=False`` turns them off.
 
@@ -59,8 +69,10 @@ class LoopWatch:
     written as a ``stall`` line with the stack it blocked in. One process has one
     watchdog: the first middleware to start sets its threshold.
 
-    Raises ValueError for a non-positive ``sample_interval`` or ``stall_threshold``, or
-    a ``LOOPWATCH_STALL_MS`` that is not a number.
+    Raises ValueError for a non-positive ``sample_interval``, ``stall_threshold``,
+    ``max_bytes`` or ``backup_count``, a ``query_text`` other than those above, or a
+    ``LOOPWATCH_STALL_MS``, ``LOOPWATCH_MAX_BYTES`` or ``LOOPWATCH_BACKUP_COUNT`` that is
+    not a number.
     """
 
     def __init__(
@@ -73,15 +85,20 @@ class LoopWatch:
         sample_interval: float = 0.5,
         spans: bool = True,
         query_spans: bool = True,
+        query_text: QueryText = "sanitized",
         tracer_provider: Any = None,
         metrics: bool = True,
         meter_provider: Any = None,
         stall_threshold: float | None = None,
+        max_bytes: int | None = _FROM_ENV,
+        backup_count: int | None = None,
     ) -> None:
         if file is _FROM_ENV:
             file = os.environ.get("LOOPWATCH_FILE") or _DEFAULT_FILE
         if sample_interval <= 0:
             raise ValueError(f"sample_interval must be positive, not {sample_interval!r}.")
+        if query_text not in QUERY_TEXT_MODES:
+            raise ValueError(f"query_text must be 'sanitized', 'raw' or 'off', not {query_text!r}.")
         if stall_threshold is None:
             stall_threshold = _env_seconds("LOOPWATCH_STALL_MS", DEFAULT_STALL_S)
         if not 0 < stall_threshold < math.inf:
@@ -95,15 +112,24 @@ class LoopWatch:
         # The record file takes the closed trace itself: its writer thread turns it into a
         # record and a line, keeping that work out of the request path.
         self._trace_sinks: list[Callable[[Trace], None]] = []
+        self._writer: FileWriter | None = None
         if file is not None:
-            writer = writer_for(os.fspath(file), queue_size)
+            if max_bytes is _FROM_ENV:
+                max_bytes = _env_int("LOOPWATCH_MAX_BYTES", None)
+            if backup_count is None:
+                backup_count = _env_int("LOOPWATCH_BACKUP_COUNT", 5)
+            writer = self._writer = writer_for(
+                os.fspath(file), queue_size, max_bytes, backup_count or 0
+            )
             self._trace_sinks.append(writer.submit)
             state.add_sink(writer.submit)
         self._spans: Spans | None = None
         if spans:
             from .export.otel import Spans
 
-            self._spans = Spans(app, tracer_provider, query_spans=query_spans)
+            self._spans = Spans(
+                app, tracer_provider, query_spans=query_spans, query_text=query_text
+            )
         self._metrics: Metrics | None = None
         if metrics:
             from .export.otel_metrics import Metrics
@@ -118,6 +144,8 @@ class LoopWatch:
                     self._start_watching(asyncio.get_running_loop())
                 except Exception as exc:
                     _failures.failed("starting to watch the event loop", exc)
+            if scope["type"] == "lifespan" and self._writer is not None:
+                send = _writing_at_shutdown(send, self._writer)
             await self.app(scope, receive, send)
             return
         outer = current.get()
@@ -251,6 +279,25 @@ class LoopWatch:
                 _failures.failed(f"request sink {getattr(sink, '__qualname__', sink)!r}", exc)
 
 
+def _writing_at_shutdown(send: Send, writer: FileWriter) -> Send:
+    """``send`` for the lifespan scope: write the queue before telling the server that
+    shutdown is complete. Requests finished during a graceful shutdown are then in the file
+    even where the process ends without running ``atexit`` handlers (uvicorn >= 0.29
+    re-raises the signal; its gunicorn worker too)."""
+
+    async def send_wrapper(message: Message) -> None:
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            # Blocking the loop here is deliberate and bounded: the server serves nothing
+            # any more, and a thread pool may already be shutting down.
+            try:
+                writer.sync(SHUTDOWN_WAIT_S)
+            except Exception as exc:
+                _failures.failed("writing the record file at shutdown", exc)
+        await send(message)
+
+    return send_wrapper
+
+
 async def _as_coroutine(awaitable: Any) -> Any:
     return await awaitable
 
@@ -259,6 +306,17 @@ def _blocked_by(held: Held, overlap_ns: int) -> BlockedBy:
     """Name what held the loop while a request waited (its route, if it still runs)."""
     ident, method, route = held.owner()
     return BlockedBy(ident, method, route, overlap_ns // 1000 / 1000, held.cpu_ns // 1000 / 1000)
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    """A whole number from the environment; a bad value is an error."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {raw!r}.") from None
 
 
 def _env_seconds(name: str, default: float) -> float:

@@ -28,6 +28,7 @@ from .._capture.watchdog import stall_listeners
 from .._version import __version__
 from ..record import Frame, RequestRecord, Stall
 from ..renderers.timeline import render_bar
+from .sql import QueryText, first_keyword, sanitize
 
 _KNOWN_METHODS = frozenset(
     ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
@@ -41,9 +42,17 @@ RECHECK_S = 1.0  # while no SDK provider is configured, look again this often
 class Spans:
     """Span export for one middleware: the tracer provider (default: the global one)."""
 
-    def __init__(self, app: Any, tracer_provider: Any = None, *, query_spans: bool = True):
+    def __init__(
+        self,
+        app: Any,
+        tracer_provider: Any = None,
+        *,
+        query_spans: bool = True,
+        query_text: QueryText = "sanitized",
+    ):
         self._provider = tracer_provider
         self.query_spans = query_spans
+        self.query_text = query_text
         self._tracer: Any = None
         self._next_check = 0.0
         # OpenTelemetry's own ASGI middleware inside LoopWatch makes the server span.
@@ -149,10 +158,17 @@ class RequestSpans:
     def query_start(self, text: str | None, operation: str | None, connection: Any) -> Any:
         if not self.owner.query_spans:
             return None
-        operation = operation or _operation(text)
         attributes = {"db.system.name": "postgresql", **_target(connection)}
         if text is not None:
-            attributes["db.query.text"] = text  # the parameterized text: never the values
+            # Sanitized even when the raw text is wanted: the operation is read from it,
+            # past any leading comment. Cached by the text, as statements repeat.
+            clean = sanitize(text)
+            operation = operation or first_keyword(clean)
+            mode = self.owner.query_text
+            if mode == "sanitized":  # the parameters were never in it; now no literal is
+                attributes["db.query.text"] = clean
+            elif mode == "raw":
+                attributes["db.query.text"] = text
         if operation:
             attributes["db.operation.name"] = operation
         namespace = attributes.get("db.namespace")
@@ -274,13 +290,6 @@ def _extract(scope: dict[str, Any]) -> Any:
         if k in _PROPAGATED
     }
     return propagate.extract(carrier) if carrier else None
-
-
-def _operation(text: str | None) -> str | None:
-    if not text:
-        return None
-    word = text.lstrip(" \t\r\n(").split(None, 1)
-    return word[0].upper() if word and word[0].isalpha() else None
 
 
 def _target(connection: Any) -> dict[str, Any]:
