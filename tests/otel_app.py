@@ -5,7 +5,9 @@ variables only: OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_EXPORTER_OT
 OTEL_EXPORTER_OTLP_*_COMPRESSION, OTEL_BSP_SCHEDULE_DELAY... The global providers are set
 before LoopWatch is built, and shut down (flushing spans and metrics) as the app stops.
 LOOPWATCH_TEST_DSN is the PostgreSQL to query; SECRET_OFFSET is added to the item id to
-make the query's parameter (so that its value is known and found in no URL).
+make the query's parameter (so that its value is known and found in no URL). ``POST /upload``
+runs a query, then reads its body. With OTEL_ASGI_INSIDE set, OpenTelemetry's ASGI
+middleware runs inside LoopWatch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import AsyncIterator
 from opentelemetry import metrics, trace
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -68,8 +71,25 @@ async def item(request: Request) -> Response:
     return JSONResponse({"id": request.path_params["item_id"], "value": got})
 
 
+async def upload(request: Request) -> Response:
+    # The query first: meanwhile a large body fills uvicorn's buffer past its high-water
+    # mark, so reading it resumes the paused transport from inside this request.
+    await request.app.state.pool.fetchval("SELECT $1::int", SECRET_OFFSET)
+    body = await request.body()
+    return JSONResponse({"size": len(body)})
+
+
+middleware = [Middleware(LoopWatch, file=None)]
+if os.environ.get("OTEL_ASGI_INSIDE"):
+    # OpenTelemetry's ASGI middleware inside LoopWatch makes the server spans.
+    middleware.append(Middleware(OpenTelemetryMiddleware))
+
 app = Starlette(
-    routes=[Route("/ready", ready), Route("/items/{item_id:int}", item)],
-    middleware=[Middleware(LoopWatch, file=None)],
+    routes=[
+        Route("/ready", ready),
+        Route("/items/{item_id:int}", item),
+        Route("/upload", upload, methods=["POST"]),
+    ],
+    middleware=middleware,
     lifespan=lifespan,
 )

@@ -20,7 +20,7 @@ from ._capture.trace import Trace, current
 from ._capture.watchdog import DEFAULT_STALL_S, learn_base
 from .export.sql import QUERY_TEXT_MODES, QueryText
 from .export.writer import SHUTDOWN_WAIT_S, FileWriter, writer_for
-from .record import BlockedBy, RequestRecord
+from .record import BlockedBy, RequestRecord, error_type
 
 if TYPE_CHECKING:
     from .export.otel import Spans
@@ -152,6 +152,8 @@ class LoopWatch:
         if outer is not None and outer.open:  # an outer LoopWatch records this request
             await self.app(scope, receive, send)
             return
+        # Otherwise ``outer`` is None, or a request that ended: the server made this one's
+        # task from inside it (keep-alive, pipelining), so the context is carried over.
 
         try:
             loop = asyncio.get_running_loop()
@@ -173,7 +175,7 @@ class LoopWatch:
 
         if self._spans is not None:
             try:
-                trace.otel = self._spans.begin(scope)
+                trace.otel = self._spans.begin(scope, outer)
             except Exception as exc:
                 _failures.failed("starting the request's span", exc)
         if self._metrics is not None:
@@ -216,7 +218,7 @@ class LoopWatch:
             if trace.open:
                 if trace.status is None:
                     trace.status = 500  # what an ASGI server sends for an app that fails
-                self._end(trace, scope, root_path, type(exc).__name__)
+                self._end(trace, scope, root_path, exc)
             raise
         finally:
             if trace.otel is not None:
@@ -235,12 +237,14 @@ class LoopWatch:
             install_task_factory(loop)
         state.start_watching(loop, self.sample_interval, self.stall_threshold)
 
-    def _end(self, trace: Trace, scope: Scope, root_path: str, error: str | None) -> None:
+    def _end(
+        self, trace: Trace, scope: Scope, root_path: str, raised: BaseException | None
+    ) -> None:
         trace.close()
         st = state
         st.in_flight -= 1
         st.requests += 1
-        trace.error = error
+        trace.error = None if raised is None else type(raised).__name__
         trace.rss = st.rss
         trace.pid = st.pid
         try:
@@ -264,12 +268,12 @@ class LoopWatch:
             return
         if trace.otel is not None:
             try:
-                trace.otel.end(record)
+                trace.otel.end(record, raised)
             except Exception as exc:
                 _failures.failed("ending the request's span", exc)
         if metrics is not None:
             try:
-                metrics.record(record)
+                metrics.record(record, None if raised is None else error_type(raised))
             except Exception as exc:
                 _failures.failed("recording request metrics", exc)
         for sink in self._sinks:

@@ -566,3 +566,10 @@ def _segments(raw: Any) -> tuple[tuple[str, float, float], ...]:
             raise RecordError(f"segment {seg!r} does not run forwards from the request start.")
         out.append((seg[0], start, end))
     return tuple(out)
+
+
+def error_type(exc: BaseException) -> str:
+    """``error.type`` of an exception: its class's fully qualified name, as the conventions
+    ask (``asyncpg.exceptions.PostgresSyntaxError``, ``builtins.ValueError``)."""
+    kind = type(exc)
+    return f"{kind.__module__}.{kind.__qualname__}"

@@ -10,14 +10,17 @@ past the stall threshold) is an event on the server span of the request whose st
 was, with the blocking line in the stable ``code.*`` attributes.
 
 When OpenTelemetry's ASGI instrumentation already makes the server span (its middleware
-outside or inside LoopWatch), loopwatch adds its attributes to that span instead. With no
-SDK tracer provider configured, nothing is done per request beyond one type check.
+outside or inside LoopWatch), loopwatch adds its attributes, the route and the route's name
+to that span instead. Which span that is, is decided from facts that cannot be stale: a
+request's context may have been carried over from the connection's previous request (the
+server made its task from inside that one), and a span current then is not this request's.
+With no SDK tracer provider configured, nothing is done per request beyond one type check.
 """
 
 from __future__ import annotations
 
 from time import monotonic, perf_counter_ns, time_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
@@ -26,14 +29,19 @@ from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCod
 
 from .._capture.watchdog import stall_listeners
 from .._version import __version__
-from ..record import Frame, RequestRecord, Stall
+from ..record import Frame, RequestRecord, Stall, error_type
 from ..renderers.timeline import render_bar
-from .sql import QueryText, first_keyword, sanitize
+from .sql import QueryText, operation_name, sanitize
+
+if TYPE_CHECKING:
+    from .._capture.trace import Trace
 
 _KNOWN_METHODS = frozenset(
     ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
 )
 _PROPAGATED = frozenset((b"traceparent", b"tracestate", b"baggage"))
+# The modules of the ASGI middlewares that make a server span of their own.
+_OTEL_ASGI_MODULES = ("opentelemetry.instrumentation.asgi", "starlette.middleware.opentelemetry")
 TIMELINE_COLUMNS = 40
 STALL_EVENT = "loopwatch.stall"
 RECHECK_S = 1.0  # while no SDK provider is configured, look again this often
@@ -55,7 +63,7 @@ class Spans:
         self.query_text = query_text
         self._tracer: Any = None
         self._next_check = 0.0
-        # OpenTelemetry's own ASGI middleware inside LoopWatch makes the server span.
+        # An OpenTelemetry ASGI middleware inside LoopWatch makes the server span.
         self._asgi_inside = _has_otel_asgi(app)
 
     def tracer(self) -> Any:
@@ -77,16 +85,29 @@ class Spans:
             stall_listeners.append(_stalled)
         return self._tracer
 
-    def begin(self, scope: dict[str, Any]) -> RequestSpans | None:
+    def begin(self, scope: dict[str, Any], carried: Trace | None = None) -> RequestSpans | None:
+        """The request's spans. ``carried`` is the closed trace of an earlier request when
+        this one runs in a context carried over from it, else None."""
         tracer = self.tracer()
         if tracer is None:
             return None
-        if self._asgi_inside:  # its server span is made further in: found when needed
-            return RequestSpans(self, tracer, None, None)
-        current = trace_api.get_current_span()
-        if current.get_span_context().is_valid:  # enrich the existing server span
-            return RequestSpans(self, tracer, None, None, current)
-        parent = _extract(scope)
+        context = otel_context.get_current()
+        current = trace_api.get_current_span(context)
+        # The context of an earlier request on this connection (uvicorn starts the next
+        # request from inside the previous one when it resumes reading or takes a
+        # pipelined request): neither its span nor its baggage is this request's.
+        stale = carried is not None and not _started_after(current, _end_unix_ns(carried))
+        if stale:
+            context = otel_context.Context()
+            current = trace_api.INVALID_SPAN
+        if self._asgi_inside:
+            # Its server span is made further in, so after now: found when needed. Made
+            # in a clean context, not as a child of the earlier request's span.
+            token = otel_context.attach(context) if stale else None
+            return RequestSpans(self, tracer, None, token, since=time_ns())
+        if _is_server(current):  # made for this request by a middleware outside: enrich it
+            return RequestSpans(self, tracer, None, None, host=current)
+        parent = _extract(scope, context)
         span = tracer.start_span(
             _name_method(scope.get("method", "")),  # the route is added at the end
             context=parent,
@@ -100,22 +121,37 @@ class Spans:
 class RequestSpans:
     """One request's spans; the trace holds it, the middleware and proxies call it."""
 
-    __slots__ = ("_host", "_token", "owner", "span", "tracer")
+    __slots__ = ("_host", "_since", "_token", "owner", "span", "tracer")
 
-    def __init__(self, owner: Spans, tracer: Any, span: Any, token: Any, host: Any = None) -> None:
+    def __init__(
+        self,
+        owner: Spans,
+        tracer: Any,
+        span: Any,
+        token: Any,
+        host: Any = None,
+        since: int = 0,
+    ) -> None:
         self.owner = owner
         self.tracer = tracer
         self.span = span  # ours, or None when another middleware made the server span
         self._token = token
         # Another middleware's server span, current when the request reached us; None
-        # when it is made inside LoopWatch: then it is the current span when needed.
+        # while one made inside LoopWatch (started after ``since``) is not yet found.
         self._host = host
+        self._since = since
 
     def _server(self) -> Any:
         if self.span is not None:
             return self.span
-        # Taken at the start when it can be: later the app's own spans may be current.
-        return self._host if self._host is not None else trace_api.get_current_span()
+        if self._host is None:
+            # Made inside LoopWatch: current while the app runs, unless the app made a
+            # span of its own current. Kept once found, for the end of the request.
+            current = trace_api.get_current_span()
+            if not (_is_server(current) and _started_after(current, self._since)):
+                return trace_api.INVALID_SPAN
+            self._host = current
+        return self._host
 
     def detach(self) -> None:
         """Stop being the current span (the middleware calls this as the app returns)."""
@@ -123,28 +159,36 @@ class RequestSpans:
             token, self._token = self._token, None
             otel_context.detach(token)  # logs, never raises, when closed from elsewhere
 
-    def end(self, record: RequestRecord) -> None:
-        """Put the request's figures on the server span; end it if it is ours."""
+    def end(self, record: RequestRecord, exc: BaseException | None = None) -> None:
+        """Put the request's figures on the server span; end it if it is ours. ``exc`` is
+        the exception the app raised, if it did."""
         span = self._server()
         if not span.is_recording():
             return
         attributes = _loopwatch_attributes(record)
-        if self.span is not None:  # ours: the HTTP attributes known only now, and its end
-            if record.route:
+        ours = self.span is not None
+        if record.route:
+            attributes["http.route"] = record.route
+            # Another middleware's span keeps a name its hooks gave it: only its name
+            # from the raw path (OpenTelemetry's ASGI middleware's) or the method alone
+            # gives way to the low-cardinality one.
+            if ours or _named_by_path(span, record):
                 span.update_name(f"{_name_method(record.method)} {record.route}")
-                attributes["http.route"] = record.route
+        if ours:  # the HTTP attributes known only now, and its end
             if record.status is not None:
                 attributes["http.response.status_code"] = record.status
-            error = record.error or (
-                str(record.status) if record.status is not None and record.status >= 500 else None
-            )
+            if exc is not None:
+                error: str | None = error_type(exc)
+            elif record.status is not None and record.status >= 500:
+                error = str(record.status)
+            else:
+                error = record.error
             if error is not None:
                 attributes["error.type"] = error
                 span.set_status(Status(StatusCode.ERROR))
-            span.set_attributes(attributes)  # one call: the SDK validates and locks per call
+        span.set_attributes(attributes)  # one call: the SDK validates and locks per call
+        if ours:
             span.end()
-        else:
-            span.set_attributes(attributes)
 
     def stalled(self, stall: Stall) -> None:
         """A step of this request held the loop past the stall threshold: an event on the
@@ -163,7 +207,7 @@ class RequestSpans:
             # Sanitized even when the raw text is wanted: the operation is read from it,
             # past any leading comment. Cached by the text, as statements repeat.
             clean = sanitize(text)
-            operation = operation or first_keyword(clean)
+            operation = operation or operation_name(clean)
             mode = self.owner.query_text
             if mode == "sanitized":  # the parameters were never in it; now no literal is
                 attributes["db.query.text"] = clean
@@ -179,9 +223,10 @@ class RequestSpans:
         if span is None:
             return
         if exc is not None:
-            kind = type(exc)
-            span.set_attribute("error.type", f"{kind.__module__}.{kind.__qualname__}")
-            sqlstate = getattr(exc, "sqlstate", None)
+            span.set_attribute("error.type", error_type(exc))
+            # Only a SQLSTATE PostgreSQL sent: asyncpg's client-side errors carry one on
+            # their class (DataError: 22000) but never reached the server.
+            sqlstate = vars(exc).get("sqlstate")
             if isinstance(sqlstate, str):
                 span.set_attribute("db.response.status_code", sqlstate)
             span.set_status(Status(StatusCode.ERROR))
@@ -224,6 +269,32 @@ def _loopwatch_attributes(record: RequestRecord) -> dict[str, Any]:
         if blocked.route is not None:
             attributes["loopwatch.blocked_by.route"] = blocked.route
     return attributes
+
+
+def _is_server(span: Any) -> bool:
+    """A server span still open (an SDK span: the API's spans do not tell their kind)."""
+    return getattr(span, "kind", None) is SpanKind.SERVER and span.is_recording()
+
+
+def _started_after(span: Any, unix_ns: int) -> bool:
+    """Whether ``span`` started at or after ``unix_ns``; False when it does not tell."""
+    start = getattr(span, "start_time", None)
+    return isinstance(start, int) and start >= unix_ns
+
+
+def _end_unix_ns(trace: Trace) -> int:
+    """When a closed request trace ended, on the clock spans are timed with."""
+    return round(trace.start_unix * 1e9) + trace.end_ns - trace.start_ns
+
+
+def _named_by_path(span: Any, record: RequestRecord) -> bool:
+    """Whether a span's name is its method, alone or followed by the raw path."""
+    name = getattr(span, "name", None)
+    if not isinstance(name, str):
+        return False
+    method, _, rest = name.partition(" ")
+    methods = (record.method, record.method.upper(), _name_method(record.method))
+    return method in methods and rest in ("", record.path)
 
 
 def _stalled(stall: Stall, trace: Any) -> None:
@@ -283,13 +354,14 @@ def _name_method(method: str) -> str:
     return method if method in _KNOWN_METHODS else "HTTP"
 
 
-def _extract(scope: dict[str, Any]) -> Any:
+def _extract(scope: dict[str, Any], context: Any) -> Any:
+    """The parent of the request's span: the incoming trace context, over ``context``."""
     carrier = {
         k.decode("latin-1"): v.decode("latin-1")
         for k, v in scope.get("headers", ())
         if k in _PROPAGATED
     }
-    return propagate.extract(carrier) if carrier else None
+    return propagate.extract(carrier, context) if carrier else context
 
 
 def _target(connection: Any) -> dict[str, Any]:
@@ -308,10 +380,13 @@ def _target(connection: Any) -> dict[str, Any]:
 
 
 def _has_otel_asgi(app: Any) -> bool:
+    """Whether an OpenTelemetry ASGI middleware (OpenTelemetry's, or Starlette's own since
+    Starlette 1.0) is in the chain of apps below LoopWatch."""
     for _ in range(32):
         if app is None:
             return False
-        if type(app).__module__.startswith("opentelemetry.instrumentation.asgi"):
+        module = type(app).__module__
+        if module.startswith(_OTEL_ASGI_MODULES):
             return True
         app = getattr(app, "app", None)
     return False

@@ -6,12 +6,20 @@ by the SDK's metric reader, in its own thread, from what the sampler and the poo
 keep. Names and units: docs/opentelemetry.md. ``loopwatch.eventloop.utilization``,
 ``loopwatch.eventloop.lag`` and ``loopwatch.eventloop.stall.duration`` are loopwatch's
 own (asyncio has no such metric anywhere yet; Node.js has ``nodejs.eventloop.utilization``).
+
+Every attribute value is bounded, as a metric attribute must be (each value set is a
+series the SDK and the backend keep): unknown methods are ``_OTHER`` as on the spans,
+status codes outside 100-599 and routes that do not match their request's path are left
+off, and past a limit of distinct routes, error types or pool names the rest are
+``_OTHER``.
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Iterable
+from functools import lru_cache
 from time import monotonic
 from typing import Any
 
@@ -23,7 +31,7 @@ from .._capture.watchdog import stall_listeners
 from .._version import __version__
 from ..integrations import asyncpg as _pg
 from ..record import RequestRecord, Stall
-from .otel import RECHECK_S
+from .otel import RECHECK_S, _method
 
 # The API's stand-ins before (or without) an SDK: recording to them does nothing, so
 # loopwatch does not even build the attributes.
@@ -31,6 +39,33 @@ _NO_SDK = frozenset(("_ProxyMeterProvider", "NoOpMeterProvider"))
 # For the histograms in seconds: the SDK's default buckets (0, 5, 10, ... 10000) are
 # meant for milliseconds. These are the HTTP semantic conventions' duration buckets.
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+# Distinct values kept apart, per middleware (pool names: per process); later ones are
+# OTHER. Routes are templates and error types classes, so an app has a fixed few: the
+# limits only stop a bug or an attacker from growing series without end.
+MAX_ROUTES = 1000
+MAX_ERROR_TYPES = 100
+MAX_POOL_NAMES = 100
+OTHER = "_OTHER"  # the conventions' value for an unknown method or error type
+
+
+class _Bounded:
+    """The first ``limit`` distinct values pass; any other is :data:`OTHER`. Thread-safe
+    enough: at worst a racing thread lets one more value in."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        seen = self._seen
+        if value in seen:
+            return value
+        if len(seen) < self._limit:
+            seen.add(value)
+            return value
+        return OTHER
 
 
 class Metrics:
@@ -46,6 +81,8 @@ class Metrics:
         self._loop_wait: Any = None
         self._wait: Any = None
         self._stall: Any = None
+        self._routes = _Bounded(MAX_ROUTES)
+        self._errors = _Bounded(MAX_ERROR_TYPES)
 
     def active(self) -> bool:
         if self._made:
@@ -60,15 +97,29 @@ class Metrics:
         self._make(provider.get_meter("loopwatch", __version__))
         return True
 
-    def record(self, record: RequestRecord) -> None:
-        """A finished request's figures, on the request histograms."""
+    def record(self, record: RequestRecord, error_type: str | None = None) -> None:
+        """A finished request's figures, on the request histograms. ``error_type`` is
+        what was raised, fully qualified as on the server span (else the record's short
+        class name)."""
         if not self.active():
             return
-        attributes: dict[str, Any] = {"http.request.method": record.method}
-        if record.route:
-            attributes["http.route"] = record.route
-        if record.status is not None:
-            attributes["http.response.status_code"] = record.status
+        attributes: dict[str, Any] = {"http.request.method": _method(record.method)}
+        route = record.route
+        if route and _route_matches(route, record.path):
+            attributes["http.route"] = self._routes(route)
+        status = record.status
+        if status is not None and not 100 <= status <= 599:
+            status = None  # not an HTTP status code: any int can be sent through ASGI
+        if status is not None:
+            attributes["http.response.status_code"] = status
+        # What was raised (its class name, as recorded), or a 5xx status.
+        error = (
+            error_type
+            or record.error
+            or (str(status) if status is not None and status >= 500 else None)
+        )
+        if error is not None:
+            attributes["error.type"] = self._errors(error)
         self._cpu.record(record.cpu_ms / 1000, attributes)
         self._db.record(record.db_ms / 1000, attributes)
         self._pool.record(record.pool_wait_ms / 1000, attributes)
@@ -150,17 +201,40 @@ class Metrics:
 _instances: weakref.WeakSet[Metrics] = weakref.WeakSet()
 
 
+@lru_cache(maxsize=1024)
+def _literals(route: str) -> tuple[str, ...]:
+    """The text of a route template around its ``{parameters}``."""
+    return tuple(re.split(r"\{[^{}]*\}", route))
+
+
+def _route_matches(route: str, path: str) -> bool:
+    """Whether ``path`` ends as ``route`` would have it, a parameter standing for any text
+    (the path may start with a root path). A route that could not have served its path
+    holds text that is not the app's (a mount's matched path, say): no template to put on
+    a metric. Placing each literal as far right as it goes decides it in linear time,
+    which a regular expression with a ``.*`` per parameter would not on a crafted path."""
+    *rest, last = _literals(route)
+    if not path.endswith(last):
+        return False
+    end = len(path) - len(last)
+    for literal in reversed(rest):
+        end = path.rfind(literal, 0, end)
+        if end < 0:
+            return False
+    return True
+
+
+_pool_names = _Bounded(MAX_POOL_NAMES)
+
+
 def _acquired(pool: _pg.InstrumentedPool, seconds: float) -> None:
-    attributes = {"db.client.connection.pool.name": pool.loopwatch_name}
+    attributes = {"db.client.connection.pool.name": _pool_names(pool.loopwatch_name)}
     for metrics in list(_instances):
         metrics._wait.record(seconds, attributes)
 
 
 def _stalled(stall: Stall, trace: Any) -> None:
     """The watchdog's stall listener: on the loop thread, or the watchdog's own."""
-    attributes = {"loopwatch.stall.cause": stall.cause}
-    if stall.route is not None:  # a route template: bounded, unlike a path
-        attributes["http.route"] = stall.route
     # A stall is the process's, not one middleware's: record it once per instrument
     # (middlewares sharing a meter provider share the instrument).
     done: set[int] = set()
@@ -168,39 +242,45 @@ def _stalled(stall: Stall, trace: Any) -> None:
         histogram = metrics._stall
         if id(histogram) not in done:
             done.add(id(histogram))
+            attributes = {"loopwatch.stall.cause": stall.cause}
+            if stall.route is not None:  # a route template: bounded, unlike a path
+                attributes["http.route"] = metrics._routes(stall.route)
             histogram.record(stall.duration_ms / 1000, attributes)
 
 
-def _pool_facts() -> Iterable[tuple[_pg.InstrumentedPool, Any]]:
+def _pool_facts() -> Iterable[tuple[str, _pg.InstrumentedPool, Any]]:
     for pool in list(_pg.pools):
         inner = pool._lw_inner
         if not inner.is_closing():
-            yield pool, inner
+            yield _pool_names(pool.loopwatch_name), pool, inner
+
+
+def _by_pool(
+    values: Iterable[tuple[str, int]], attributes: dict[str, str] | None = None
+) -> list[Observation]:
+    """One observation per pool name: the pools that share one (OTHER) added up."""
+    sums: dict[str, int] = {}
+    for name, value in values:
+        sums[name] = sums.get(name, 0) + value
+    return [
+        Observation(value, {**(attributes or {}), "db.client.connection.pool.name": name})
+        for name, value in sums.items()
+    ]
 
 
 def _connection_count(options: CallbackOptions) -> Iterable[Observation]:
-    for pool, inner in _pool_facts():
-        name = pool.loopwatch_name
-        idle = inner.get_idle_size()
-        yield Observation(
-            idle, {"db.client.connection.state": "idle", "db.client.connection.pool.name": name}
-        )
-        yield Observation(
-            inner.get_size() - idle,
-            {"db.client.connection.state": "used", "db.client.connection.pool.name": name},
-        )
+    facts = [(name, inner.get_idle_size(), inner.get_size()) for name, _, inner in _pool_facts()]
+    idle = _by_pool(((n, i) for n, i, _ in facts), {"db.client.connection.state": "idle"})
+    used = _by_pool(((n, s - i) for n, i, s in facts), {"db.client.connection.state": "used"})
+    return idle + used
 
 
 def _connection_max(options: CallbackOptions) -> Iterable[Observation]:
-    for pool, inner in _pool_facts():
-        yield Observation(
-            inner.get_max_size(), {"db.client.connection.pool.name": pool.loopwatch_name}
-        )
+    return _by_pool((name, inner.get_max_size()) for name, _, inner in _pool_facts())
 
 
 def _pending_requests(options: CallbackOptions) -> Iterable[Observation]:
-    for pool, _ in _pool_facts():
-        yield Observation(pool._lw_pending, {"db.client.connection.pool.name": pool.loopwatch_name})
+    return _by_pool((name, pool._lw_pending) for name, pool, _ in _pool_facts())
 
 
 def _memory(options: CallbackOptions) -> Iterable[Observation]:

@@ -15,6 +15,10 @@ unterminated quote, quoted identifier, dollar quote or comment, and after a stri
 end depends on ``standard_conforming_strings`` (``'C:\'``), a server setting the client
 does not know.
 
+``db.operation.name`` is read from the sanitized text (:func:`operation_name`): its first
+keyword; for a statement that starts with ``WITH``, that of the statement its common table
+expressions lead to.
+
 A lexer of its own rather than a library's: sqlparse reads backslashes as MySQL does
 (``'C:\', 'secret'`` leaves ``secret`` out of the string), ends a nested comment early and
 goes on past an unterminated quote; pglast (PostgreSQL's own scanner) is right but a 33 MB
@@ -173,11 +177,90 @@ def _drop_comment(out: list[str], text: str, pos: int) -> int:
 
 
 def first_keyword(text: str | None) -> str | None:
-    """The first keyword of a sanitized query text, for ``db.operation.name``."""
+    """The first keyword of a sanitized query text, past any opening parenthesis."""
     if not text:
         return None
     word = text.lstrip(" \t\r\n(").split(None, 1)
     return word[0].upper() if word and word[0].isalpha() else None
+
+
+def operation_name(text: str | None) -> str | None:
+    """``db.operation.name`` of a sanitized query text: its first keyword; for a statement
+    that starts with ``WITH``, the first keyword of the statement its common table
+    expressions lead to (``WITH d AS (DELETE …) INSERT …`` is an ``INSERT``), or None
+    where that cannot be told. Never ``WITH``."""
+    keyword = first_keyword(text)
+    if keyword != "WITH" or text is None:
+        return keyword
+    return _after_with(text)
+
+
+# The tokens of a sanitized text, which has no literal and no comment left: a quoted
+# identifier (it may hold parentheses), a parenthesis or comma, or a run of anything else.
+_CTE_TOKEN = re.compile(r'"(?:[^"]|"")*"|[(),]|[^\s(),"]+')
+# What a WITH can lead to (PostgreSQL's grammar: a SELECT in any of its forms, or a
+# data-modifying statement).
+_WITH_LEADS_TO = frozenset(("SELECT", "VALUES", "TABLE", "INSERT", "UPDATE", "DELETE", "MERGE"))
+# SEARCH … SET column and CYCLE … USING column may follow a CTE's body.
+_CTE_CLAUSE_END = {"SEARCH": "SET", "CYCLE": "USING"}
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _after_with(text: str) -> str | None:
+    try:
+        return _statement(_CTE_TOKEN.findall(text), 0)
+    except IndexError:  # the text ends before its statement does
+        return None
+
+
+def _statement(tokens: list[str], i: int) -> str | None:
+    """The operation of the statement at ``tokens[i]``, past its opening parentheses and
+    any WITH clause."""
+    while tokens[i] == "(":
+        i += 1
+    word = tokens[i].upper()
+    if word != "WITH":
+        return word if word in _WITH_LEADS_TO else None
+    i += 1
+    if tokens[i].upper() == "RECURSIVE":
+        i += 1
+    while True:  # name [(columns)] AS [[NOT] MATERIALIZED] (body) [SEARCH …] [CYCLE …]
+        if tokens[i] in ("(", ")", ","):
+            return None
+        i += 1
+        if tokens[i] == "(":
+            i = _past_parentheses(tokens, i)
+        if tokens[i].upper() != "AS":
+            return None
+        i += 1
+        if tokens[i].upper() == "NOT":
+            i += 1
+        if tokens[i].upper() == "MATERIALIZED":
+            i += 1
+        if tokens[i] != "(":
+            return None
+        i = _past_parentheses(tokens, i)
+        while (end := _CTE_CLAUSE_END.get(tokens[i].upper())) is not None:
+            while tokens[i].upper() != end:
+                i += 1
+            i += 2  # the keyword and its column
+        if tokens[i] != ",":
+            return _statement(tokens, i)
+        i += 1
+
+
+def _past_parentheses(tokens: list[str], i: int) -> int:
+    """The index just past the parenthesis that closes the one at ``tokens[i]``."""
+    depth = 0
+    while True:
+        lexeme = tokens[i]
+        i += 1
+        if lexeme == "(":
+            depth += 1
+        elif lexeme == ")":
+            depth -= 1
+            if depth == 0:
+                return i
 
 
 __all__ = [
@@ -188,5 +271,6 @@ __all__ = [
     "TRUNCATED",
     "QueryText",
     "first_keyword",
+    "operation_name",
     "sanitize",
 ]
