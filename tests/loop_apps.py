@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -58,7 +59,9 @@ async def _no_reset(conn: Any) -> None:
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     task = asyncio.create_task(background_stall()) if BACKGROUND_STALL_MS else None
     # No reset query on release: the query is the endpoint's only round trip.
-    async with create_pool(DSN, min_size=POOL_MAX, max_size=POOL_MAX, reset=_no_reset) as pool:
+    # (asyncpg added the reset argument in 0.30; before it, the reset runs on release.)
+    no_reset = {"reset": _no_reset} if hasattr(asyncpg.Connection, "fetchmany") else {}
+    async with create_pool(DSN, min_size=POOL_MAX, max_size=POOL_MAX, **no_reset) as pool:
         # Every connection prepares the query once now: later it is one round trip.
         held = [await pool.acquire() for _ in range(POOL_MAX)]
         for conn in held:

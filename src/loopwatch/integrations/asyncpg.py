@@ -5,10 +5,19 @@ around asyncpg's own pool and connection; every query path (the query methods, p
 statements, cursors, transactions, ``copy_*``, queries run on the pool) records the
 interval it was awaited on the current request's trace. Outside a request, or after a
 request has ended, a proxy only forwards.
+
+The proxies pass asyncpg's type checks: ``isinstance(x, C)`` holds for every class ``C``
+that asyncpg's own object is an instance of (``asyncpg.Pool``, ``asyncpg.Connection``,
+``asyncpg.pool.PoolConnectionProxy`` for a pooled connection and not for a direct one, a
+custom ``connection_class``, ``PreparedStatement``, ...), as a proxy's ``__class__`` is
+its asyncpg object's class. ``type(x)`` still names the proxy's class, so the checks that
+use it fail: asyncpg's ``Pool.release()`` refuses a proxy (release it through the
+instrumented pool, which unwraps it).
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 from collections.abc import Awaitable, Callable, Generator
@@ -56,6 +65,10 @@ async def _timed(
         t0 = perf_counter_ns()
         try:
             return await awaitable
+        except BaseException as exc:
+            if count != _NEVER and _unsent(exc):
+                count = _NEVER
+            raise
         finally:
             _account(trace, step, t0, pool, count)
     # With spans (inline rather than a second coroutine: this is every query's path).
@@ -67,7 +80,7 @@ async def _timed(
     try:
         result = await awaitable
     except BaseException as exc:
-        _account(trace, step, t0, pool, count)
+        _account(trace, step, t0, pool, _NEVER if _unsent(exc) else count)
         spans.query_end(span, exc)
         raise
     suspended, t1 = _account(trace, step, t0, pool, count)
@@ -75,6 +88,17 @@ async def _timed(
     if suspended and span is None and (pool or count == _IF_SUSPENDED):  # a wait, a batch
         spans.waited("pool" if pool else "db", t0, t1, connection)
     return result
+
+
+def _unsent(exc: BaseException) -> bool:
+    """Whether asyncpg refused the call on the client, so PostgreSQL executed nothing: a
+    misuse of its API (``InterfaceError``: a closed connection, another operation in
+    progress, the wrong number of arguments) or an argument it could not encode (the
+    ``DataError`` asyncpg raises then has only its class's SQLSTATE 22000; an error
+    PostgreSQL sent carries the server's fields, ``sqlstate`` among them)."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return True
+    return isinstance(exc, asyncpg.DataError) and "sqlstate" not in vars(exc)
 
 
 def _account(trace: Any, step: int, t0: int, pool: bool, count: int) -> tuple[bool, int]:
@@ -104,6 +128,16 @@ def _query(name: str) -> Callable[..., Awaitable[Any]]:
 class _Proxy:
     __slots__ = ()
 
+    # isinstance() consults __class__ when type() does not match (as for mock's specs):
+    # the proxy passes every isinstance check its asyncpg object passes, asyncpg.Pool and
+    # PoolConnectionProxy included, while type() and isinstance of the proxy's own class
+    # are unchanged. Subclassing asyncpg's classes instead would run any method the proxy
+    # does not forward (one a newer asyncpg adds) on an empty asyncpg object, and they are
+    # no ABCs to register with. Nothing on a query's path reads __class__.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type[Any]:
+        return type(object.__getattribute__(self, "_lw_inner"))
+
     def _lw_describe(self, call: str, args: tuple[Any, ...]) -> tuple[Any, Any, Any]:
         """(query text, operation name, connection) of a call, for its span."""
         return (None, None, None)
@@ -117,12 +151,19 @@ class _Proxy:
 
 
 class InstrumentedConnection(_Proxy, _ConnectionBase):
-    """An asyncpg connection (or pool connection proxy) whose queries are timed."""
+    """An asyncpg connection (or pool connection proxy) whose queries are timed.
 
-    __slots__ = ("_lw_inner",)
+    It is an instance of ``asyncpg.Connection`` and of its connection's class: a pooled one
+    is an ``asyncpg.pool.PoolConnectionProxy``, a direct one is not. It can be weakly
+    referenced. Notification, log and termination callbacks added through it are called
+    with it, not with asyncpg's object. Build one with :func:`wrap_connection`.
+    """
+
+    __slots__ = ("__weakref__", "_lw_inner", "_lw_relays")
 
     def __init__(self, connection: Any) -> None:
         self._lw_inner = connection
+        self._lw_relays: dict[tuple[Any, ...], Callable[..., Any]] | None = None
 
     execute = _query("execute")
     executemany = _query("executemany")
@@ -155,6 +196,64 @@ class InstrumentedConnection(_Proxy, _ConnectionBase):
         if call.startswith("copy_"):
             return (_text(args) if call == "copy_from_query" else None, "COPY", self._lw_inner)
         return (_text(args), None, self._lw_inner)
+
+    # asyncpg calls these callbacks with its own object (the pool's proxy, for a pooled
+    # connection): each is registered through a relay that passes this proxy instead.
+
+    async def add_listener(self, channel: str, callback: Callable[..., Any]) -> None:
+        await self._lw_inner.add_listener(channel, self._lw_relay(("listen", channel), callback))
+
+    async def remove_listener(self, channel: str, callback: Callable[..., Any]) -> None:
+        relay = self._lw_unrelay(("listen", channel), callback)
+        await self._lw_inner.remove_listener(channel, relay)
+
+    def add_log_listener(self, callback: Callable[..., Any]) -> None:
+        self._lw_inner.add_log_listener(self._lw_relay(("log",), callback))
+
+    def remove_log_listener(self, callback: Callable[..., Any]) -> None:
+        self._lw_inner.remove_log_listener(self._lw_unrelay(("log",), callback))
+
+    def add_termination_listener(self, callback: Callable[..., Any]) -> None:
+        self._lw_inner.add_termination_listener(self._lw_relay(("termination",), callback))
+
+    def remove_termination_listener(self, callback: Callable[..., Any]) -> None:
+        self._lw_inner.remove_termination_listener(self._lw_unrelay(("termination",), callback))
+
+    def _lw_relay(self, key: tuple[Any, ...], callback: Callable[..., Any]) -> Any:
+        """The one relay of ``callback`` for ``key`` (asyncpg keeps callbacks in sets, and
+        removes them by equality)."""
+        if not callable(callback):
+            return callback  # asyncpg's own error for it
+        relays = self._lw_relays
+        if relays is None:
+            relays = self._lw_relays = {}
+        full = (*key, callback)
+        relay = relays.get(full)
+        if relay is None:
+            relay = relays[full] = _relay(self, callback)
+        return relay
+
+    def _lw_unrelay(self, key: tuple[Any, ...], callback: Callable[..., Any]) -> Any:
+        relays = self._lw_relays
+        relay = relays.pop((*key, callback), None) if relays else None
+        # Not added through this proxy: asyncpg has it (or not) as it is.
+        return callback if relay is None else relay
+
+
+def _relay(proxy: InstrumentedConnection, callback: Callable[..., Any]) -> Callable[..., Any]:
+    """``callback`` with ``proxy`` in place of the connection asyncpg passes; async when
+    ``callback`` is, as asyncpg decides by the same test how to call it."""
+    if inspect.iscoroutinefunction(callback):
+
+        async def relay_async(connection: Any, *args: Any) -> Any:
+            return await callback(proxy, *args)
+
+        return relay_async
+
+    def relay(connection: Any, *args: Any) -> Any:
+        return callback(proxy, *args)
+
+    return relay
 
 
 class InstrumentedStatement(_Proxy):
@@ -318,7 +417,12 @@ def _via_pool(name: str) -> Callable[..., Awaitable[Any]]:
 
 class InstrumentedPool(_Proxy):
     """An asyncpg pool whose acquires and queries are timed. Await it (or ``async with``
-    it) to initialise it, as with ``asyncpg.create_pool``."""
+    it) to initialise it, as with ``asyncpg.create_pool``.
+
+    It is an instance of ``asyncpg.Pool`` and can be weakly referenced. Its connections
+    are :class:`InstrumentedConnection`; release them through it. Build one with
+    :func:`create_pool` or :func:`wrap_pool`.
+    """
 
     __slots__ = ("__weakref__", "_lw_inner", "_lw_name", "_lw_pending", "_lw_used", "_lw_used_max")
 
@@ -423,12 +527,35 @@ async def connect(*args: Any, **kwargs: Any) -> InstrumentedConnection:
 
 
 def wrap_pool(pool: Any) -> InstrumentedPool:
-    """Instrument a pool you already have (an ``asyncpg.Pool``)."""
-    return pool if isinstance(pool, InstrumentedPool) else InstrumentedPool(pool)
+    """Instrument a pool you already have (an ``asyncpg.Pool``); an instrumented pool is
+    returned as it is. Raises ``TypeError`` for anything else."""
+    if isinstance(pool, InstrumentedPool):
+        return pool
+    if not isinstance(pool, asyncpg.Pool):
+        raise TypeError(
+            f"wrap_pool() takes an asyncpg pool (from asyncpg.create_pool()), not "
+            f"{_type_name(pool)}: loopwatch instruments asyncpg only."
+        )
+    return InstrumentedPool(pool)
 
 
 def wrap_connection(connection: Any) -> InstrumentedConnection:
-    """Instrument a connection you already have (from ``asyncpg.connect`` or ``pool.acquire``)."""
+    """Instrument a connection you already have (from ``asyncpg.connect`` or
+    ``pool.acquire``); an instrumented one is returned as it is. Raises ``TypeError`` for
+    anything else (another driver's connection, a pool)."""
     if isinstance(connection, InstrumentedConnection):
         return connection
+    if not isinstance(connection, asyncpg.Connection):
+        raise TypeError(
+            f"wrap_connection() takes an asyncpg connection (from asyncpg.connect() or "
+            f"pool.acquire()), not {_type_name(connection)}: loopwatch instruments asyncpg "
+            f"only."
+        )
     return InstrumentedConnection(connection)
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)  # a proxy's own class, not the asyncpg class it passes for
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
