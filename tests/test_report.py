@@ -738,8 +738,8 @@ def test_loop_wait_percentiles_beside_db(tmp_path: Path) -> None:
     routes = {r["route"]: r for r in data["routes"]}
     assert routes["/q"]["loop_wait_mean_ms"] == 100.0
     assert render_routes(report, 100).splitlines()[1:3] == [
-        "  route   reqs      p50      p95     cpu      db  pool     loop  errors",
-        "  /q        10  102.0ms  102.0ms  1.00ms  1.00ms   0µs  100.0ms       0",
+        "  route       reqs      p50      p95     cpu      db  pool     loop  4xx  5xx",
+        "  GET /q        10  102.0ms  102.0ms  1.00ms  1.00ms   0µs  100.0ms    0    0",
     ]
 
 

@@ -319,6 +319,101 @@ def test_window_can_be_set() -> None:
     ]
 
 
+CUT_NOTE = (
+    "  Time cut: a line +T starts a new axis, with its own scale, T after the first;\n"
+    "  none of these requests was in flight in between."
+)
+
+
+def test_time_when_none_is_in_flight_longer_than_the_median_request_is_cut() -> None:
+    requests = [
+        req(0, 20, ("cpu", 0, 2), ("db", 2, 18), ("cpu", 18, 20)),
+        req(10, 20, ("cpu", 0, 2), ("pool", 2, 8), ("db", 8, 18), ("cpu", 18, 20)),
+        req(3000, 40, ("cpu", 0, 4), ("db", 4, 36), ("cpu", 36, 40)),
+        req(3030, 20, ("loop", 0, 18), ("cpu", 18, 20)),
+    ]
+    # Each group keeps one axis for its rows (Req 1 and 2 overlap, so do 3 and 4); the
+    # second starts over, on its own scale, and says how long after the first it starts.
+    assert render_timeline(requests, 80) == (
+        "  time ──▶  0ms     5ms     10ms     15ms    20ms    25ms    30ms\n"
+        "  Req 1:    ███░░░░░░░░░░░░░░░░░░░░░░░░░░████                  GET / 200  20.0ms\n"
+        "  Req 2:                    ████▒▒▒▒▒▒▒▒▒░░░░░░░░░░░░░░░░░███  GET / 200  20.0ms\n"
+        "  +3.00s    0ms       10ms      20ms     30ms      40ms      50ms\n"
+        "  Req 3:    ████░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░████            GET / 200  40.0ms\n"
+        "  Req 4:                                 ▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓██  GET / 200  20.0ms\n"
+        "\n"
+        "  █ CPU on the event loop   ░ awaiting the database\n"
+        "  ▒ waiting for a pool connection   ▓ waiting for the event loop\n"
+        "  · other waiting\n" + CUT_NOTE
+    )
+
+
+def test_a_gap_no_longer_than_the_median_request_is_drawn_to_scale() -> None:
+    requests = [
+        req(0, 10, ("cpu", 0, 10)),
+        req(20, 10, ("db", 0, 10)),
+        req(40.5, 10, ("cpu", 0, 10)),
+    ]
+    out = render_timeline(requests, 60)
+    assert out.splitlines()[:5] == [
+        "  time ──▶  0ms       10ms     20ms      30ms",
+        "  Req 1:    ██████████                     GET / 200  10.0ms",
+        "  Req 2:                       ░░░░░░░░░░  GET / 200  10.0ms",  # 10 ms gap: kept
+        "  +40.5ms   0ms   2ms   4ms  6ms   8ms   10ms",  # 10.5 ms gap: cut
+        "  Req 3:    █████████████████████████████  GET / 200  10.0ms",
+    ]
+
+
+def test_cut_in_ascii_mode_is_all_ascii() -> None:
+    out = render_timeline(
+        [req(0, 0.1, ("cpu", 0, 0.1)), req(0.7, 0.1, ("cpu", 0, 0.1))], 60, ascii=True
+    )
+    assert out.isascii()
+    assert out.splitlines()[:4] == [
+        "  time -->  0us   20us  40us  60us  80us",
+        "  Req 1:    ##############################  GET / 200  100us",
+        "  +700us    0us   20us  40us  60us  80us",
+        "  Req 2:    ##############################  GET / 200  100us",
+    ]
+
+
+def test_a_window_that_is_set_is_never_cut() -> None:
+    requests = [req(0, 10, ("cpu", 0, 10)), req(1000, 10, ("cpu", 0, 10))]
+    out = render_timeline(requests, 51, start=T0, end=T0 + 1.01)
+    assert "+" not in out
+    assert "Time cut" not in out
+    assert out.splitlines()[1:3] == [
+        "  Req 1:    █                     GET / 200  10.0ms",
+        "  Req 2:                       █  GET / 200  10.0ms",
+    ]
+
+
+def test_cut_at_a_width_too_narrow_for_labels() -> None:
+    requests = [req(0, 20, ("cpu", 0, 20)), req(3000, 20, ("db", 0, 20))]
+    assert render_timeline(requests, 12).splitlines()[:5] == [
+        "0ms   10ms",
+        "████████████",
+        "+3.00s",
+        "0ms   10ms",
+        "░░░░░░░░░░░░",
+    ]
+
+
+def test_no_line_with_cuts_is_ever_wider_than_width() -> None:
+    requests = [
+        req(0, 20, ("cpu", 0, 2), ("pool", 2, 6), ("db", 6, 20), route="/a/" + "x" * 300),
+        req(5_000, 0.2, ("cpu", 0, 0.2), method="PROPFIND", status=None, error="E" * 80),
+        req(86_400_000, 3, ("loop", 0, 3)),
+    ]
+    for width in range(1, 130):
+        for ascii in (False, True):
+            colored = render_timeline(requests, width, ascii=ascii, color=True)
+            plain = ANSI.sub("", colored)
+            assert plain == render_timeline(requests, width, ascii=ascii)
+            assert max(len(line) for line in plain.splitlines()) <= width
+            assert plain.count("Req ") in (0, 3)
+
+
 def test_fast_enough_for_the_cli() -> None:
     requests = [
         req(

@@ -251,7 +251,11 @@ def _parser() -> argparse.ArgumentParser:
     window = report.add_mutually_exclusive_group()
     window.add_argument("--last", type=_positive, metavar="N", help="the last N requests")
     window.add_argument("--slowest", type=_positive, metavar="N", help="the N slowest")
-    report.add_argument("--route", metavar="TEMPLATE", help="only this route: /items/{item_id}")
+    report.add_argument(
+        "--route",
+        metavar="TEMPLATE",
+        help="only this route, '/items/{item_id}', or one method of it, 'GET /items/{item_id}'",
+    )
     report.add_argument("--since", type=_time, metavar="TIME", help="only requests from TIME on")
     report.add_argument("--until", type=_time, metavar="TIME", help="only requests before TIME")
     _output_options(report)

@@ -6,6 +6,7 @@ A pure renderer: records and a width in, text out. See docs/timeline.md for how 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from itertools import groupby
 
@@ -34,6 +35,12 @@ _LEGEND = (
     (OTHER, "other waiting"),
 )
 
+# Said under the legend when time was cut (see _groups).
+_CUT_NOTE = (
+    "Time cut: a line +T starts a new axis, with its own scale, T after the first; "
+    "none of these requests was in flight in between."
+)
+
 _MIN_BAR = 8  # below this many bar columns, labels and annotations give way
 _MIN_ANNOTATION = 6  # an annotation column narrower than this says nothing useful
 _EMPTY_SPAN_MS = 1.0  # the window drawn when every request is a single instant
@@ -51,8 +58,11 @@ def render_timeline(
     """Draw ``requests`` as one row each on a shared time axis, in at most ``width`` columns.
 
     ``start`` and ``end`` (unix seconds) set the window; by default it runs from the
-    earliest request start to the latest request end. ``ascii`` draws with ASCII only;
-    ``color`` adds ANSI colours without changing the layout.
+    earliest request start to the latest request end, and where none of the requests is
+    in flight for longer than the median of their wall times, that time is cut: the rows
+    after it get an axis of their own, labelled with how long after the first axis's start
+    theirs starts. ``ascii`` draws with ASCII only; ``color`` adds ANSI colours without
+    changing the layout.
     """
     if width < 1:
         raise ValueError(f"The timeline needs a width of at least 1 column, not {width}.")
@@ -65,16 +75,19 @@ def render_timeline(
     if not rows:
         return _fit("No requests to draw.", width, ell)
 
-    t0 = min(r.start for r in rows) if start is None else start
-    t1 = max(r.start + max(r.wall_ms, 0.0) / 1000 for r in rows) if end is None else end
-    span = (t1 - t0) * 1000
-    if not (math.isfinite(span) and span > 0):
-        span = _EMPTY_SPAN_MS
+    if start is None and end is None:
+        groups = _groups(rows)
+    else:
+        t0 = min(r.start for r in rows) if start is None else start
+        t1 = max(_end(r) for r in rows) if end is None else end
+        groups = [(t0, t1, rows)]
+    first = groups[0][0]
+    cuts = [_ascii(f"+{fmt_ms((a - first) * 1000)}", ascii) for a, _, _ in groups[1:]]
 
     title = "time -->" if ascii else "time ──▶"
     labels = [f"Req {i}:" for i in range(1, len(rows) + 1)]
     indent = 2 if width >= 40 else 0
-    label_w = max(len(title), len(labels[-1]))
+    label_w = max(len(title), len(labels[-1]), *map(len, cuts))
     prefix = indent + label_w + 2
     avail = width - prefix
     if avail < _MIN_BAR:  # too narrow for labels: bars only
@@ -88,22 +101,58 @@ def render_timeline(
         if ann_room < _MIN_ANNOTATION:
             ann_room = 0
     bar_w = avail - (ann_room + 2 if ann_room else 0)
-    notes = _annotations(parts, ann_room, ell) if ann_room else [""] * len(rows)
+    notes = iter(_annotations(parts, ann_room, ell) if ann_room else [""] * len(rows))
+    numbered = iter(labels)
 
     def head(text: str) -> str:
         return " " * indent + text.ljust(label_w) + "  " if prefix else ""
 
     lines = []
-    axis = _axis(span, bar_w, avail, ascii)
-    if axis.strip():
-        lines.append((head(title) + axis).rstrip())
-    for rec, label, note in zip(rows, labels, notes, strict=True):
-        states = _row_states(rec, (rec.start - t0) * 1000, span, bar_w)
-        bar = _paint(states, glyphs, color)
-        lines.append((head(label) + bar + ("  " + note if note else "")).rstrip())
+    for g, (t0, t1, members) in enumerate(groups):
+        span = (t1 - t0) * 1000
+        if not (math.isfinite(span) and span > 0):
+            span = _EMPTY_SPAN_MS
+        axis = _axis(span, bar_w, avail, ascii)
+        if g == 0:
+            if axis.strip():
+                lines.append((head(title) + axis).rstrip())
+        elif prefix:
+            lines.append((head(cuts[g - 1]) + axis).rstrip())
+        else:  # no label column: the cut gets a line of its own
+            lines.append(_fit(cuts[g - 1], width, ell))
+            if axis.strip():
+                lines.append(axis.rstrip())
+        for rec in members:
+            states = _row_states(rec, (rec.start - t0) * 1000, span, bar_w)
+            bar = _paint(states, glyphs, color)
+            note = next(notes)
+            lines.append((head(next(numbered)) + bar + ("  " + note if note else "")).rstrip())
     lines.append("")
     lines.extend(_legend(width, indent, glyphs, color, ascii, ell))
+    if len(groups) > 1:
+        lines.extend(" " * indent + line for line in textwrap.wrap(_CUT_NOTE, width - indent))
     return "\n".join(lines)
+
+
+def _end(rec: RequestRecord) -> float:
+    return rec.start + max(rec.wall_ms, 0.0) / 1000
+
+
+def _groups(rows: list[RequestRecord]) -> list[tuple[float, float, list[RequestRecord]]]:
+    """``rows`` (in start order) as (start, end, rows) groups, split where none of them is
+    in flight for longer than their median wall time: on one scale with such a gap, the
+    requests themselves would shrink to a few columns."""
+    walls = sorted(max(r.wall_ms, 0.0) for r in rows)
+    longest_gap = walls[len(walls) // 2] / 1000
+    groups = [(rows[0].start, _end(rows[0]), [rows[0]])]
+    for rec in rows[1:]:
+        t0, t1, members = groups[-1]
+        if rec.start - t1 > longest_gap:
+            groups.append((rec.start, _end(rec), [rec]))
+        else:
+            members.append(rec)
+            groups[-1] = (t0, max(t1, _end(rec)), members)
+    return groups
 
 
 def render_bar(rec: RequestRecord, columns: int = 40, *, ascii: bool = False) -> str:
@@ -361,13 +410,19 @@ def _tick_label(ms: float, step: float, ascii: bool) -> str:
 def _annotation_parts(rec: RequestRecord, ascii: bool) -> tuple[str, str, str, str]:
     where = rec.route if rec.route is not None else rec.path
     outcome = clean(rec.error or "-").strip() if rec.status is None else str(rec.status)
-    parts = (clean(rec.method).strip(), clean(where).strip(), outcome, fmt_ms(rec.wall_ms))
-    if ascii:
-        return tuple(  # type: ignore[return-value]
-            p.replace("µ", "u").replace("…", "...").encode("ascii", "replace").decode()
-            for p in parts
-        )
-    return parts
+    method, route = clean(rec.method).strip(), clean(where).strip()
+    return (
+        _ascii(method, ascii),
+        _ascii(route, ascii),
+        _ascii(outcome, ascii),
+        _ascii(fmt_ms(rec.wall_ms), ascii),
+    )
+
+
+def _ascii(text: str, ascii: bool) -> str:
+    if not ascii:
+        return text
+    return text.replace("µ", "u").replace("…", "...").encode("ascii", "replace").decode()
 
 
 def _natural_width(parts: list[tuple[str, str, str, str]]) -> int:

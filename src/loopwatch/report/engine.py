@@ -8,12 +8,14 @@ them, picks the timeline's window and reads just the window's records again in f
 from __future__ import annotations
 
 import heapq
+from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..record import RequestRecord
-from ..renderers.text import clean, fmt_count, fmt_time
+from ..renderers.text import clean, fmt_count, fmt_ms, fmt_time
 from . import capacity as _capacity
 from . import diagnosis as _diagnosis
 from . import loop as _loop
@@ -43,10 +45,13 @@ class ReportOptions:
 
     last: int | None = None  # timeline of the last N requests (by start)
     slowest: int | None = None  # timeline of the N slowest (by wall_ms)
-    route: str | None = None  # only requests whose route template equals this
+    route: str | None = None  # only this route template, or one method of it ("GET /a/{b}")
     since: float | None = None  # Unix s, inclusive: requests starting at or after
     until: float | None = None  # Unix s: requests starting before
     rows: int = 40  # at most this many timeline rows in the default window
+
+
+_SEQUENTIAL = 5  # the slowest requests drawn when no two were ever in flight at once
 
 
 class ReportError(Exception):
@@ -198,12 +203,29 @@ def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], 
         picked = heapq.nlargest(options.slowest, range(n), key=r.wall.__getitem__)
         return picked, f"{fmt_count(len(picked), 'slowest request')}, by wall time"
     at, peak = s.in_flight.at, s.in_flight.peak
+    if peak == 1 and n > 1:
+        # Sequential traffic: every request is a "moment" of its own, and the first is
+        # usually the cold one. The slowest say more; the timeline cuts the time between.
+        picked = heapq.nlargest(min(_SEQUENTIAL, options.rows), range(n), key=r.wall.__getitem__)
+        return picked, (
+            f"{fmt_count(len(picked), 'slowest request')}, by wall time (never two in flight "
+            "at once: no busiest moment to show)"
+        )
+    title = f"busiest moment: {fmt_count(peak, 'request')} in flight at {fmt_time(at, True)} UTC"
+    if peak > 1:
+        longest_at, lasted, moments = _longest_peak(r, peak)
+        if moments > 1:  # the first is not always the one worth drawing
+            at = longest_at
+            title = (
+                f"busiest moment: {fmt_count(peak, 'request')} in flight at "
+                f"{fmt_time(at, True)} UTC for {fmt_ms(round(lasted * 1000, 3))}, the "
+                f"longest of {fmt_count(moments, 'time')}"
+            )
     inside = [
         i
         for i, (a, w) in enumerate(zip(r.start, r.wall, strict=True))
         if a <= at and (at < a + w / 1000 or a == at)
     ]
-    title = f"busiest moment: {fmt_count(peak, 'request')} in flight at {fmt_time(at, True)} UTC"
     if len(inside) <= options.rows:
         return inside, title
     # Too many to draw: keep those that overlap most with a moment around the peak
@@ -216,6 +238,33 @@ def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], 
         return (-(min(a + w / 1000, hi) - max(a, lo)), w)
 
     return sorted(inside, key=key)[: options.rows], f"{title} ({options.rows} shown)"
+
+
+def _longest_peak(r: Reading, peak: int) -> tuple[float, float, int]:
+    """Of the instants ``peak`` requests were in flight (counted as ``summary.in_flight``
+    counts them), the one the count stayed at longest from (the first of equals), how long
+    it stayed (until the first of them ended), and how many such instants there were."""
+    starts = array("d", sorted(r.start))
+    ends = array("d", sorted(a + w / 1000 for a, w in zip(r.start, r.wall, strict=True)))
+    # The ends of the requests that are in flight at some instant: one that ends where it
+    # starts is in flight at none, so its end does not end a peak.
+    lasting = array(
+        "d", sorted(e for a, w in zip(r.start, r.wall, strict=True) if (e := a + w / 1000) > a)
+    )
+    best, longest, moments = 0.0, -1.0, 0
+    i, j, n = 0, 0, len(starts)
+    while i < n:
+        x = starts[i]
+        k = bisect_right(starts, x, i)
+        while j < n and ends[j] <= x:
+            j += 1
+        if k - j == peak:
+            moments += 1
+            lasted = lasting[bisect_right(lasting, x)] - x
+            if lasted > longest:
+                best, longest = x, lasted
+        i = k
+    return best, longest, moments
 
 
 def _scope(options: ReportOptions) -> str:

@@ -11,6 +11,7 @@ window's few records are then read again, at those offsets, through the referenc
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from array import array
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,7 @@ from .sources import MAX_LINE, Lines, Source, decode, open_sources
 from .stalls import LoopAcc
 
 MAX_KEPT_OPEN = 64  # files kept open from pass 1 for pass 2; later ones are opened again
-MAX_ROUTES = 1000  # distinct routes kept apart; the rest share one row
+MAX_ROUTES = 1000  # distinct (method, route) rows kept apart; the rest share one row
 MAX_PIDS = 10_000
 
 _MAX_MS = 1e10  # as record._MAX_MS
@@ -73,13 +74,15 @@ class FileInfo:
 @dataclass(slots=True)
 class RouteAcc:
     route: str | None
+    method: str | None = None  # None for the requests with no route, whatever their method
     count: int = 0
     wall: float = 0.0
     cpu: float = 0.0
     db: float = 0.0
     pool: float = 0.0
     loop: float = 0.0  # loop wait
-    errors: int = 0
+    errors: int = 0  # status 500 or more, or raised
+    client_errors: int = 0  # status 400 to 499 (and not raised)
     walls: array[float] = field(default_factory=lambda: array("d"))
 
 
@@ -121,7 +124,7 @@ class Reading:
     loop: array[float] = field(default_factory=lambda: array("d"))  # loop wait
     offset: array[int] = field(default_factory=lambda: array("q"))
     file: array[int] = field(default_factory=lambda: array("I"))
-    routes: dict[str | None, RouteAcc] = field(default_factory=dict)
+    routes: dict[tuple[str | None, str | None], RouteAcc] = field(default_factory=dict)
     other_routes: RouteAcc | None = None
     processes: dict[int, ProcessAcc] = field(default_factory=dict)
     errors: int = 0
@@ -138,9 +141,10 @@ class Reading:
                 info.fd = None
         self.kept = 0
 
-    def route_acc(self, route: str | None) -> RouteAcc:
+    def route_acc(self, key: tuple[str | None, str | None]) -> RouteAcc:
+        """The row of ``(method, route)``: one per method of a route, one for no route."""
         if len(self.routes) < MAX_ROUTES:
-            acc = self.routes[route] = RouteAcc(route)
+            acc = self.routes[key] = RouteAcc(key[1], key[0])
             return acc
         if self.other_routes is None:
             self.other_routes = RouteAcc(None)
@@ -153,11 +157,24 @@ class Reading:
         return acc
 
 
+# An HTTP method is a token (RFC 9110): no space, no "/".
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def parse_route(text: str) -> tuple[str | None, str]:
+    """``--route``: ``METHOD /template`` (one method of a route) or ``/template`` (all of
+    its methods), as the method (None for all) and the template."""
+    method, space, template = text.partition(" ")
+    if space and _METHOD.fullmatch(method):
+        return method, template
+    return None, text
+
+
 def read_files(
     paths: list[str], route: str | None, since: float | None, until: float | None
 ) -> Reading:
     """Pass 1 over every file (see :mod:`.sources` for what is read of each); never raises
-    for bad input (see FileInfo)."""
+    for bad input (see FileInfo). ``route`` as :func:`parse_route` reads it."""
     reading = Reading()
     try:
         for source in open_sources(paths):
@@ -204,6 +221,9 @@ def _read(
 ) -> None:
     starts, walls, cpus, dbs, pools, loops = r.start, r.wall, r.cpu, r.db, r.pool, r.loop
     offsets, files, routes = r.offset, r.file, r.routes
+    method_filter: str | None = None
+    if route_filter is not None:
+        method_filter, route_filter = parse_route(route_filter)
     lo = -1.0 if since is None else since
     hi = _MAX_START if until is None else min(until, _MAX_START)
     # pid -> the unsupported record version its meta line declared, in this file
@@ -242,7 +262,10 @@ def _read(
             loop = d.get("loop_wait_ms", 0.0)  # older files have none
             if loop:
                 r.loops.add_loop_segments(pid, start, d.get("segments", _NO_SEGMENTS))
-            if route_filter is not None and route != route_filter:
+            method = d["method"]
+            if route_filter is not None and (
+                route != route_filter or (method_filter is not None and method != method_filter)
+            ):
                 continue
             info.matched += 1
             if spool is not None:
@@ -261,7 +284,8 @@ def _read(
             loops.append(loop)
             offsets.append(here)
             files.append(index)
-            acc = routes.get(route) or r.route_acc(route)
+            key = (None, None) if route is None else (method, route)
+            acc = routes.get(key) or r.route_acc(key)
             acc.count += 1
             acc.wall += wall
             acc.cpu += cpu
@@ -273,6 +297,8 @@ def _read(
             if d.get("error") is not None or (status is not None and status >= 500):
                 acc.errors += 1
                 r.errors += 1
+            elif status is not None and status >= 400:
+                acc.client_errors += 1
             proc = r.processes.get(pid) or r.process(pid)
             if proc is not None:
                 proc.requests += 1
@@ -306,7 +332,13 @@ def _read(
                 _malformed(info, _NOT_A_PID)
                 continue
             info.other += 1
-            if lo <= stall.time < hi and (route_filter is None or stall.route == route_filter):
+            if lo <= stall.time < hi and (
+                route_filter is None
+                or (
+                    stall.route == route_filter
+                    and (method_filter is None or stall.method == method_filter)
+                )
+            ):
                 r.loops.add_stall(stall)
         elif kind == "meta":
             version = d.get("version")

@@ -106,11 +106,19 @@ class RouteStats:
     db_mean: float
     pool_mean: float
     loop_mean: float
-    errors: int
+    errors: int  # status 500 or more, or raised
     wall_total: float
+    method: str | None = None  # clean()ed; None for the rows of no single route
+    client_errors: int = 0  # status 400 to 499
+
+    @property
+    def label(self) -> str:
+        """The row's name: ``GET /items/{item_id}``."""
+        return self.route if self.method is None else f"{self.method} {self.route}"
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "method": self.method,
             "route": self.route,
             "requests": self.requests,
             "wall_p50_ms": round(self.wall_p50, 3),
@@ -119,19 +127,29 @@ class RouteStats:
             "db_mean_ms": round(self.db_mean, 3),
             "pool_wait_mean_ms": round(self.pool_mean, 3),
             "loop_wait_mean_ms": round(self.loop_mean, 3),
+            "client_errors": self.client_errors,
             "errors": self.errors,
             "wall_total_ms": round(self.wall_total, 3),
         }
 
 
 def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteStats], int]:
-    """The routes by total wall time, at most ``rows`` (the rest in one row); and how many."""
+    """A row per method of each route (one for the requests with no route) by total wall
+    time, at most ``rows`` (the rest in one row); and how many rows there were."""
     accs = list(reading.routes.values())
-    if reading.other_routes is not None:
-        accs.append(reading.other_routes)
-    top = heapq.nlargest(rows if len(accs) <= rows else rows - 1, accs, key=lambda a: a.wall)
-    out = [_route_stats(a, "(no route)" if a.route is None else clean(a.route)) for a in top]
+    other = reading.other_routes  # past MAX_ROUTES: always in the last row, never a route's
+    count = len(accs) + (other is not None)
+    keep = rows if count <= rows and other is None else rows - 1
+    top = heapq.nlargest(keep, accs, key=lambda a: a.wall)
+    out = [
+        _route_stats(a, "(no route)")
+        if a.route is None
+        else _route_stats(a, clean(a.route), None if a.method is None else clean(a.method))
+        for a in top
+    ]
     rest = [a for a in accs if not any(a is t for t in top)]
+    if other is not None:
+        rest.append(other)
     if rest:
         merged = RouteAcc(None)
         for a in rest:
@@ -142,19 +160,22 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
             merged.pool += a.pool
             merged.loop += a.loop
             merged.errors += a.errors
+            merged.client_errors += a.client_errors
             merged.walls.extend(a.walls)
         label = f"({len(rest)} more routes)"
-        if reading.other_routes is not None:
+        if other is not None:
             label = "(all other routes)"  # more routes than were told apart
         out.append(_route_stats(merged, label))
-    return out, len(accs)
+    return out, count
 
 
-def _route_stats(a: RouteAcc, name: str) -> RouteStats:
+def _route_stats(a: RouteAcc, name: str, method: str | None = None) -> RouteStats:
     walls = sorted(a.walls)
     n = max(a.count, 1)
     return RouteStats(
         route=name,
+        method=method,
+        client_errors=a.client_errors,
         requests=a.count,
         wall_p50=percentile(walls, 50),
         wall_p95=percentile(walls, 95),
@@ -340,7 +361,8 @@ _ROUTE_COLUMNS: tuple[
     ("db", lambda r: fmt_ms(r.db_mean), 3),
     ("pool", lambda r: fmt_ms(r.pool_mean), 7),
     ("loop", lambda r: fmt_ms(r.loop_mean), 5),
-    ("errors", lambda r: f"{r.errors:,}", 6),
+    ("4xx", lambda r: f"{r.client_errors:,}", 8),
+    ("5xx", lambda r: f"{r.errors:,}", 6),  # or raised
 )
 
 
@@ -350,7 +372,7 @@ def render_routes(s: Summary, width: int, color: bool) -> str:
     widths = [
         max(len(h), *(len(c[i]) for c in cells)) + 2 for i, (h, _, _) in enumerate(_ROUTE_COLUMNS)
     ]
-    names = [r.route for r in rows]
+    names = [r.label for r in rows]
     route_w = max(5, *(width_of(n) for n in names))
     keep = set(range(len(_ROUTE_COLUMNS)))
     # Drop the least important columns until a route name of 12 columns fits.

@@ -1,0 +1,162 @@
+"""The route table: a row per method of each route, client and server errors apart."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from loopwatch.cli.main import main
+from loopwatch.record import RequestRecord
+from loopwatch.report import ReportError, render_routes, render_summary
+from loopwatch.report import reading as _reading
+from loopwatch.report.reading import parse_route
+
+from .test_report import meta, record_file, report_of, req, stall, write
+
+ARTICLES = "/articles"
+ARTICLE = "/articles/{id}"
+
+
+def call(
+    method: str, route: str | None, at: float, wall_ms: float, **fields: object
+) -> RequestRecord:
+    n = int(at * 1000)
+    return replace(req(at, wall_ms, route=route, n=n, **fields), method=method)  # type: ignore[arg-type]
+
+
+def articles(tmp_path: Path) -> Path:
+    """A list and a create on one route, a read, a replace and a delete on another."""
+    return record_file(
+        tmp_path,
+        [
+            call("GET", ARTICLES, 0.0, 10.0, cpu_ms=1.0, db_ms=5.0),
+            call("GET", ARTICLES, 0.1, 20.0, cpu_ms=1.0, db_ms=15.0),
+            call("GET", ARTICLES, 0.2, 30.0, cpu_ms=1.0, db_ms=25.0),
+            call("POST", ARTICLES, 0.3, 40.0, cpu_ms=4.0, db_ms=30.0, status=201),
+            call("POST", ARTICLES, 0.4, 50.0, cpu_ms=2.0, status=422),
+            call("GET", ARTICLE, 0.5, 5.0, db_ms=4.0),
+            call("GET", ARTICLE, 0.6, 7.0, db_ms=6.0, status=404),
+            call("DELETE", ARTICLE, 0.7, 25.0, status=500, error="RuntimeError"),
+            call("PUT", ARTICLE, 0.8, 15.0, status=503),
+            call("GET", None, 0.9, 1.0, status=404, path="/favicon.ico"),
+            call("POST", None, 1.0, 1.5, status=405, path="/"),
+        ],
+    )
+
+
+def test_a_row_per_method_of_each_route(tmp_path: Path) -> None:
+    assert render_routes(report_of(articles(tmp_path)), 100) == (
+        "Routes, by total wall time (mean cpu, db, pool wait and loop wait per request)\n"
+        "  route                  reqs     p50     p95     cpu      db  pool  loop  4xx  5xx\n"
+        "  POST /articles            2  40.0ms  50.0ms  3.00ms  15.0ms   0µs   0µs    1    0\n"
+        "  GET /articles             3  20.0ms  30.0ms  1.00ms  15.0ms   0µs   0µs    0    0\n"
+        "  DELETE /articles/{id}     1  25.0ms  25.0ms     0µs     0µs   0µs   0µs    0    1\n"
+        "  PUT /articles/{id}        1  15.0ms  15.0ms     0µs     0µs   0µs   0µs    0    1\n"
+        "  GET /articles/{id}        2  5.00ms  7.00ms     0µs  5.00ms   0µs   0µs    1    0\n"
+        "  (no route)                2  1.00ms  1.50ms     0µs     0µs   0µs   0µs    2    0\n"
+    )
+
+
+def test_when_narrow_4xx_goes_before_5xx(tmp_path: Path) -> None:
+    report = report_of(articles(tmp_path))
+
+    def head(width: int) -> str:
+        (line,) = [x for x in render_routes(report, width).splitlines() if x.startswith("  route")]
+        return line
+
+    assert head(73) == "  route             reqs     p50     p95     cpu      db  pool  loop  5xx"
+    assert head(74).endswith("  loop  4xx  5xx")
+
+
+def test_json_rows_name_the_method_and_count_4xx_apart(tmp_path: Path) -> None:
+    data = report_of(articles(tmp_path)).to_json()
+    rows = [(r["method"], r["route"], r["requests"], r["client_errors"], r["errors"])
+            for r in data["routes"]]  # fmt: skip
+    assert rows == [
+        ("POST", ARTICLES, 2, 1, 0),
+        ("GET", ARTICLES, 3, 0, 0),
+        ("DELETE", ARTICLE, 1, 0, 1),
+        ("PUT", ARTICLE, 1, 0, 1),
+        ("GET", ARTICLE, 2, 1, 0),
+        (None, "(no route)", 2, 2, 0),
+    ]
+    assert data["route_count"] == 6
+    assert data["errors"] == 2  # as before: 5xx or raised
+    assert list(data["routes"][0]) == [
+        "method", "route", "requests", "wall_p50_ms", "wall_p95_ms", "cpu_mean_ms",
+        "db_mean_ms", "pool_wait_mean_ms", "loop_wait_mean_ms", "client_errors", "errors",
+        "wall_total_ms",
+    ]  # fmt: skip
+
+
+def test_a_raised_error_is_a_5xx_even_after_a_4xx_status(tmp_path: Path) -> None:
+    path = record_file(tmp_path, [call("GET", ARTICLES, 0, 10, status=404, error="KeyError")])
+    (row,) = report_of(path).to_json()["routes"]
+    assert (row["client_errors"], row["errors"]) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("/items/{item_id}", (None, "/items/{item_id}")),
+        ("GET /items/{item_id}", ("GET", "/items/{item_id}")),
+        ("M-SEARCH /", ("M-SEARCH", "/")),
+        ("/a b", (None, "/a b")),  # no method has a "/": a template with a space
+        ("GET", (None, "GET")),
+    ],
+)
+def test_parse_route(text: str, parsed: tuple[str | None, str]) -> None:
+    assert parse_route(text) == parsed
+
+
+def test_route_filter_takes_a_method(tmp_path: Path) -> None:
+    path = articles(tmp_path)
+    post = report_of(path, route=f"POST {ARTICLES}")
+    assert post.to_json()["requests"] == 2
+    assert [(r.method, r.route) for r in post.summary.routes] == [("POST", ARTICLES)]
+    assert {(r.method, r.route) for r in post.window} == {("POST", ARTICLES)}
+    assert "  only route POST /articles" in render_summary(post, 100).splitlines()
+    every = report_of(path, route=ARTICLES)
+    assert every.to_json()["requests"] == 5
+    assert [r.label for r in every.summary.routes] == ["POST /articles", "GET /articles"]
+    with pytest.raises(ReportError, match=r"none of the 11 requests match \(route PUT /articles\)"):
+        report_of(path, route=f"PUT {ARTICLES}")
+
+
+def test_route_filter_with_a_method_keeps_that_method_s_stalls(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "r.jsonl",
+        [meta(), call("POST", "/block", 1.0, 152.0), call("GET", "/block", 2.0, 10.0),
+         stall(1.0, 150.0)],  # the stall of POST /block
+    )  # fmt: skip
+    stalls = {
+        route: report_of(path, route=route).to_json()["loop"]["stall_count"]
+        for route in ("POST /block", "GET /block", "/block")
+    }
+    assert stalls == {"POST /block": 1, "GET /block": 0, "/block": 1}
+
+
+def test_the_command_takes_a_method_and_route(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = articles(tmp_path)
+    assert main(["report", str(path), "--route", f"DELETE {ARTICLE}", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["requests"], data["errors"], data["scope"]) == (1, 1, f"route DELETE {ARTICLE}")
+
+
+def test_rows_past_the_limit_are_counted_together_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_reading, "MAX_ROUTES", 3)
+    records = [call("GET", f"/r{i}", i, 1.0 + i, status=404 if i > 3 else 200) for i in range(8)]
+    rows = report_of(record_file(tmp_path, records)).summary.routes
+    assert [(r.label, r.requests, r.client_errors) for r in rows] == [
+        ("GET /r2", 1, 0),
+        ("GET /r1", 1, 0),
+        ("GET /r0", 1, 0),
+        ("(all other routes)", 5, 4),  # the most wall time, but no route's
+    ]
