@@ -36,8 +36,11 @@ def test_single_request_matches_ground_truth(pg_dsn: str, record_file: Path, loo
     assert rec["method"] == "GET"
     assert rec["route"] == "/work/{n}"
     assert truth["cpu_ms"] - 0.5 <= rec["cpu_ms"] <= truth["cpu_ms"] + 10
-    assert truth["db_ms"] - 1 <= rec["db_ms"] <= truth["db_ms"] + 10
-    assert rec["db_ms"] >= 100
+    # A wait for the loop inside the query (another thread holding the GIL as the reply
+    # came) is loop wait, taken out of db_ms: the two together are what the endpoint saw.
+    assert truth["db_ms"] - 1 <= rec["db_ms"] + rec["loop_wait_ms"], (truth, rec)
+    assert rec["db_ms"] <= truth["db_ms"] + 10, (truth, rec)
+    assert rec["db_ms"] >= 100 - 2, rec
     assert rec["db_queries"] == 1
     assert rec["wall_ms"] >= rec["cpu_ms"] + rec["db_ms"] - 1
     assert rec["rss_bytes"] is None or rec["rss_bytes"] > 10_000_000
@@ -65,6 +68,7 @@ def test_concurrent_requests_keep_their_own_figures(
     # different CPU time (3, 6, 9 or 12 ms), so CPU leaking between requests would show.
     n = 100
     env = {"LOOPWATCH_FILE": str(record_file), "LOOPWATCH_TEST_DSN": pg_dsn, "POOL_MAX": "5"}
+    env["GC_OFF"] = "1"  # see tests/apps.py
     with serve("tests.apps:app", env, loop=loop) as server:
         truths = asyncio.run(_fire(server.url, n, lambda i: 3 + (i % 4) * 3, 50))
         records = by_path(wait_for_requests(record_file, n + 1), "/work/")

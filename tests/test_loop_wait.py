@@ -113,7 +113,9 @@ def test_a_blocked_loop_is_loop_wait_not_database_time(
     assert {s["id"] for s in stalls} == block_ids
     for stall in stalls:
         assert (stall["method"], stall["route"], stall["timed"]) == ("POST", "/block", True)
-        assert 140 <= stall["duration_ms"] <= 400, stall
+        # (A 150 ms block: the hash's rounds per ms are calibrated at import, within
+        # ~10 % on a machine whose clock speed varies.)
+        assert 125 <= stall["duration_ms"] <= 400, stall
         assert stall["cause"] == kind if kind == "cpu" else stall["cause"] == "blocked"
         if kind == "cpu":  # (it waits to run, too, on two cores shared with the client)
             assert stall["cpu_ms"] >= stall["duration_ms"] / 3, stall

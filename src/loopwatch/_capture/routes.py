@@ -179,6 +179,8 @@ class _Index:
                 continue
             children = getattr(route, "routes", None)
             app = getattr(route, "app", None)
+            if not children and app is not None:
+                children = _routes_below(app)
             if app is not None:
                 with contextlib.suppress(TypeError):
                     self.mounts[app] = self.mounts.get(app, False) or bool(children)
@@ -207,6 +209,20 @@ class _Index:
             pattern.append(re.escape(prefix[end:]))
             template.append(prefix[end:])
             self.param_prefixes.setdefault(re.compile("".join(pattern)), "".join(template))
+
+
+def _routes_below(app: Any) -> Any:
+    """The routes of a mounted app wrapped in middleware (a LoopWatch of its own, say),
+    which Starlette's Mount does not look through (before Starlette 1.7 sets
+    ``scope["route"]``, this is how such a route is found)."""
+    for _ in range(_MAX_DEPTH):
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+        routes = getattr(app, "routes", None)
+        if routes:
+            return routes
+    return None
 
 
 def _format(route: Any) -> str | None:

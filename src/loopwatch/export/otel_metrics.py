@@ -251,7 +251,13 @@ def _stalled(stall: Stall, trace: Any) -> None:
 def _pool_facts() -> Iterable[tuple[str, _pg.InstrumentedPool, Any]]:
     for pool in list(_pg.pools):
         inner = pool._lw_inner
-        if not inner.is_closing():
+        # (asyncpg before 0.28 has no is_closing: its flags, then)
+        closing = getattr(inner, "is_closing", None)
+        if closing is not None:
+            done = closing()
+        else:
+            done = getattr(inner, "_closing", False) or getattr(inner, "_closed", False)
+        if not done:
             yield _pool_names(pool.loopwatch_name), pool, inner
 
 
