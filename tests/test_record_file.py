@@ -792,9 +792,16 @@ def test_max_bytes_and_backup_count_from_the_environment(
     writer = writer_for(str(path), 10_000, 1_000_000, 7)
     assert (writer.max_bytes, writer.backup_count) == (1_000_000, 7)
 
-    monkeypatch.setenv("LOOPWATCH_MAX_BYTES", "10MB")
-    with pytest.raises(ValueError, match="LOOPWATCH_MAX_BYTES must be a whole number"):
+    # A bad value in the environment is logged once and the default used: a typo in a
+    # deployment must not take the app down (an argument in the code is still an error).
+    for bad in ("10MB", "-1", "0", "1e6"):
+        monkeypatch.setenv("LOOPWATCH_MAX_BYTES", bad)
         make_app(file=str(path))
+        assert writer_for(str(path), 10_000, None, 7).max_bytes is None
+    assert _failures.counts().get("reading LOOPWATCH_MAX_BYTES") == 4
+    monkeypatch.setenv("LOOPWATCH_BACKUP_COUNT", "0")
+    make_app(file=str(path))
+    assert _failures.counts().get("reading LOOPWATCH_BACKUP_COUNT") == 1
     monkeypatch.delenv("LOOPWATCH_MAX_BYTES")
     with pytest.raises(ValueError, match="max_bytes must be a positive number of bytes"):
         make_app(file=str(path), max_bytes=0)
@@ -868,3 +875,20 @@ def test_worker_processes_rotate_one_file_without_losing_or_double_rotating(
             assert size > max_bytes - 2048, (path.name, size)
     assert len(ids) == n_requests
     assert len(set(ids)) == n_requests
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [("LOOPWATCH_STALL_MS", "abc"), ("LOOPWATCH_STALL_MS", "-5"), ("LOOPWATCH_MAX_BYTES", "1e6")],
+)
+def test_a_bad_setting_in_the_environment_leaves_a_real_app_serving(
+    pg_dsn: str, tmp_path: Path, setting: tuple[str, str]
+) -> None:
+    # Starlette builds add_middleware's LoopWatch at its first call: an error raised there
+    # would fail the lifespan and every request. The app must answer, and record.
+    path = tmp_path / "records.jsonl"
+    name, value = setting
+    env = {"LOOPWATCH_FILE": str(path), "LOOPWATCH_TEST_DSN": pg_dsn, name: value}
+    with serve("tests.apps:app", env) as server:
+        assert httpx.get(f"{server.url}/plain", timeout=30).status_code == 200
+    assert any(d["type"] == "request" for d in read_lines(path))

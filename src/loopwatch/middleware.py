@@ -70,9 +70,10 @@ class LoopWatch:
     watchdog: the first middleware to start sets its threshold.
 
     Raises ValueError for a non-positive ``sample_interval``, ``stall_threshold``,
-    ``max_bytes`` or ``backup_count``, a ``query_text`` other than those above, or a
-    ``LOOPWATCH_STALL_MS``, ``LOOPWATCH_MAX_BYTES`` or ``LOOPWATCH_BACKUP_COUNT`` that is
-    not a number.
+    ``max_bytes`` or ``backup_count``, or a ``query_text`` other than those above. A bad
+    ``LOOPWATCH_STALL_MS``, ``LOOPWATCH_MAX_BYTES`` or ``LOOPWATCH_BACKUP_COUNT`` is not
+    an error: it is logged once (the ``loopwatch`` logger) and the default is used, so a
+    typo in a deployment's environment cannot take the app down.
     """
 
     def __init__(
@@ -100,7 +101,10 @@ class LoopWatch:
         if query_text not in QUERY_TEXT_MODES:
             raise ValueError(f"query_text must be 'sanitized', 'raw' or 'off', not {query_text!r}.")
         if stall_threshold is None:
-            stall_threshold = _env_seconds("LOOPWATCH_STALL_MS", DEFAULT_STALL_S)
+            stall_threshold = _env_number(
+                "LOOPWATCH_STALL_MS", DEFAULT_STALL_S, "a positive number of milliseconds",
+                lambda raw: float(raw) / 1000, lambda s: 0 < s < math.inf,
+            )  # fmt: skip
         if not 0 < stall_threshold < math.inf:
             raise ValueError(
                 f"stall_threshold must be a positive number of seconds, not {stall_threshold!r}."
@@ -115,9 +119,15 @@ class LoopWatch:
         self._writer: FileWriter | None = None
         if file is not None:
             if max_bytes is _FROM_ENV:
-                max_bytes = _env_int("LOOPWATCH_MAX_BYTES", None)
+                max_bytes = _env_number(
+                    "LOOPWATCH_MAX_BYTES", None, "a positive whole number of bytes",
+                    int, lambda n: n > 0,
+                )  # fmt: skip
             if backup_count is None:
-                backup_count = _env_int("LOOPWATCH_BACKUP_COUNT", 5)
+                backup_count = _env_number(
+                    "LOOPWATCH_BACKUP_COUNT", 5, "a whole number of files, at least 1",
+                    int, lambda n: n >= 1,
+                )  # fmt: skip
             writer = self._writer = writer_for(
                 os.fspath(file), queue_size, max_bytes, backup_count or 0
             )
@@ -312,24 +322,23 @@ def _blocked_by(held: Held, overlap_ns: int) -> BlockedBy:
     return BlockedBy(ident, method, route, overlap_ns // 1000 / 1000, held.cpu_ns // 1000 / 1000)
 
 
-def _env_int(name: str, default: int | None) -> int | None:
-    """A whole number from the environment; a bad value is an error."""
+def _env_number(
+    name: str, default: Any, what: str, parse: Callable[[str], Any], valid: Callable[[Any], bool]
+) -> Any:
+    """A setting from the environment, or ``default`` when it is unset. A value that is
+    not ``what`` is logged once (the ``loopwatch`` logger) and the default used: a typo in
+    a deployment's environment must not take the app down with it."""
     raw = os.environ.get(name)
     if not raw:
         return default
     try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, not {raw!r}.") from None
-
-
-def _env_seconds(name: str, default: float) -> float:
-    """A duration in ms from the environment, in seconds; a bad value is an error."""
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        ms = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of milliseconds, not {raw!r}.") from None
-    return ms / 1000
+        value = parse(raw)
+        if valid(value):
+            return value
+    except (ValueError, OverflowError):
+        pass
+    _failures.failed(
+        f"reading {name}",
+        ValueError(f"{name} must be {what}, not {raw!r}: using the default, {default!r}"),
+    )
+    return default
