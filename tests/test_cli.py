@@ -387,3 +387,16 @@ def test_demo_compare_sync_runs_as_many_sync_workers_as_estimated() -> None:
     assert _demo_leftovers() == before, "the demo removes its temporary files"
     assert not _processes_using("loopwatch-demo-"), "the demo stops its database"
     assert not _processes_using("sync_app:create_app"), "the demo stops its sync workers"
+
+
+def test_ascii_output_is_ascii_and_fits_its_width_on_an_ascii_terminal(recorded: Path) -> None:
+    env = {"PYTHONIOENCODING": "ascii"}
+    result = loopwatch("report", str(recorded), "--ascii", "--width", "60", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.isascii()
+    assert "Traceback" not in result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 60
+    # Without --ascii, what the terminal cannot show is replaced, never a traceback.
+    plain = loopwatch("report", str(recorded), "--width", "60", env=env)
+    assert plain.returncode == 0, plain.stderr
+    assert "Traceback" not in plain.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._version import __version__
-from ..renderers.text import fmt_bytes, fmt_ms, wrap
+from ..renderers.text import fmt_bytes, fmt_ms, to_ascii, wrap
 from ..renderers.timeline import render_timeline
 from ..report import (
     Report,
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character
+        if hasattr(stream, "reconfigure"):  # gets a replacement, not a traceback
+            stream.reconfigure(errors="replace")
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -52,14 +55,15 @@ def render(report: Report, width: int, *, ascii: bool = False, color: bool = Fal
     timeline, summary, routes, loop and capacity."""
     parts = [
         render_diagnosis(report, width, color=color),
-        report.window_title,
+        "\n".join(wrap(report.window_title, width, "", "  ")),
         render_timeline(report.window, width, ascii=ascii, color=color),
         render_summary(report, width, color=color),
         render_routes(report, width, color=color),
         render_loop(report, width, color=color),
         render_capacity(report, width, color=color),
     ]
-    return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
+    text = "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
+    return to_ascii(text) if ascii else text
 
 
 def _report(args: argparse.Namespace) -> int:

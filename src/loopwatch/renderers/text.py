@@ -125,3 +125,30 @@ def fmt_span(seconds: float) -> str:
     if hours < 48:
         return f"{hours}h {minutes}m"
     return f"{hours // 24}d {hours % 24}h"
+
+
+# What --ascii writes for the report's few non-ASCII characters (the timeline draws its
+# own ASCII glyphs); anything else becomes "?".
+_ASCII = str.maketrans(
+    {
+        "\u00b5": "u",  # micro sign
+        "\u2026": "...",  # ellipsis
+        "\u00d7": "x",  # multiplication sign
+        "\u00b7": ".",  # middle dot
+        "\u2013": "-",  # en dash
+        "\u2014": "-",  # em dash
+        "\u2212": "-",  # minus sign
+        "\u2192": "->",
+        "\u2265": ">=",
+        "\u2264": "<=",
+        "\u00b1": "+/-",
+        "\u2588": "#",  # the timeline's glyphs, where text carries them
+        "\u2591": ".",
+        "\u2593": "=",
+    }
+)
+
+
+def to_ascii(text: str) -> str:
+    """``text`` in ASCII only: the report's symbols spelled out, the rest as ``?``."""
+    return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
