@@ -400,3 +400,23 @@ def test_ascii_output_is_ascii_and_fits_its_width_on_an_ascii_terminal(recorded:
     plain = loopwatch("report", str(recorded), "--width", "60", env=env)
     assert plain.returncode == 0, plain.stderr
     assert "Traceback" not in plain.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_time_that_is_not_one_is_refused(recorded: Path, value: str) -> None:
+    result = loopwatch("report", str(recorded), f"--since={value}")
+    assert result.returncode == 2
+    assert f"{value!r} is not a time" in result.stderr
+
+
+def test_demo_with_an_unreachable_database_says_so() -> None:
+    result = loopwatch("demo", "--dsn", "postgresql://nobody@127.0.0.1:1/x", "--requests", "5")
+    assert result.returncode == 1
+    assert "loopwatch: could not connect to PostgreSQL:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_compare_sync_refuses_blocking_requests() -> None:
+    result = loopwatch("demo", "--blocking", "--compare-sync")
+    assert result.returncode == 1
+    assert "run it without --blocking" in result.stderr

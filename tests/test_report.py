@@ -489,7 +489,9 @@ def test_a_file_of_other_json_lines(tmp_path: Path) -> None:
     with pytest.raises(ReportError) as exc:
         report_of(path)
     assert str(exc.value) == (
-        f"nothing to report: no request lines in {path} (3 lines were not loopwatch records)"
+        f"nothing to report: no request lines in {path} (3 lines were not loopwatch records"
+        " (malformed, too long or of an unknown type; a compressed file must be uncompressed"
+        " first))"
     )
 
 

@@ -106,6 +106,8 @@ def test_a_raised_error_is_a_5xx_even_after_a_4xx_status(tmp_path: Path) -> None
         ("M-SEARCH /", ("M-SEARCH", "/")),
         ("/a b", (None, "/a b")),  # no method has a "/": a template with a space
         ("GET", (None, "GET")),
+        ("get /items/{item_id}", ("GET", "/items/{item_id}")),  # a standard one, any case
+        ("m-search /", ("m-search", "/")),  # others as written: methods are case-sensitive
     ],
 )
 def test_parse_route(text: str, parsed: tuple[str | None, str]) -> None:

@@ -31,7 +31,7 @@ class DemoError(Exception):
 
 
 def missing_packages(need_database: bool) -> list[str]:
-    names = ["uvicorn", "httpx"] + (["pgserver"] if need_database else [])
+    names = ["starlette", "uvicorn", "httpx"] + (["pgserver"] if need_database else [])
     missing = []
     for name in names:
         try:
@@ -236,6 +236,11 @@ def run(
     work as a sync app under gunicorn with that many workers, each of them warmed up
     first (its database connection opened, as the async pool's are at start-up).
     """
+    if sync_workers_for is not None and blocking:
+        raise DemoError(
+            "--compare-sync sends the sync workers the well-behaved requests only: "
+            "run it without --blocking."
+        )
     missing = missing_packages(need_database=not dsn)
     if sync_workers_for is not None:
         missing += missing_sync_packages()
@@ -244,6 +249,7 @@ def run(
         raise DemoError(f"loopwatch demo needs {', '.join(missing)}: {hint}")
     record_file = workdir / "loopwatch.jsonl"
     with database(dsn, workdir) as url_dsn:
+        _check_database(url_dsn)
         with _served(url_dsn, record_file, None) as (url, pid):
             bar = progress_bar(requests + blocking, sys.stderr, ascii=ascii)
             measured = _measure(url, pid, requests, bar, blocking)
@@ -255,6 +261,20 @@ def run(
             bar = progress_bar(requests, sys.stderr, ascii=ascii)
             sync = _measure(url, pid, requests, bar, 0)
     return DemoRun(record_file, measured.seconds, measured, workers, sync)
+
+
+def _check_database(dsn: str) -> None:
+    """Fail with a plain message, before any server starts, if ``dsn`` cannot be reached."""
+    import asyncpg
+
+    async def connect() -> None:
+        connection = await asyncpg.connect(dsn, timeout=10)
+        await connection.close()
+
+    try:
+        asyncio.run(connect())
+    except Exception as exc:
+        raise DemoError(f"could not connect to PostgreSQL: {exc}") from None
 
 
 def _measure(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -167,7 +168,9 @@ def compared(
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = wrap(
         f"Measured on this machine: the same {requests} requests, then {workers} sync "
-        "workers (loopwatch's same-p95 estimate) running the same work (Flask, psycopg):",
+        "workers (loopwatch's same-p95 estimate) running the same work (Flask, psycopg). "
+        "Measured at the client, from each request sent to its answer: slower than the "
+        "report's figures above, which start when the server hands a request to the app.",
         width,
         "",
         "  ",
@@ -222,9 +225,13 @@ def _width_arg(text: str) -> int:
 def _time(text: str) -> float:
     """Unix seconds, or an ISO 8601 date and time (UTC unless it names a zone)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a time")
+        return seconds
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -302,9 +302,10 @@ def _not_requests(f: Any) -> str:
     parts = []
     strangers = f.malformed + f.overlong + f.unknown
     if strangers:
+        verb = "was not a loopwatch record" if strangers == 1 else "were not loopwatch records"
         parts.append(
-            f"{fmt_count(strangers, 'line')} {'was' if strangers == 1 else 'were'} "
-            "not loopwatch records"
+            f"{fmt_count(strangers, 'line')} {verb} (malformed, too long or of an unknown "
+            "type; a compressed file must be uncompressed first)"
         )
     for v, k in sorted(f.versions.items()):
         parts.append(f"{fmt_count(k, 'line')} of record format version {v}, not supported")

@@ -157,6 +157,9 @@ class Reading:
         return acc
 
 
+_STANDARD = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
 # An HTTP method is a token (RFC 9110): no space, no "/".
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -166,7 +169,10 @@ def parse_route(text: str) -> tuple[str | None, str]:
     its methods), as the method (None for all) and the template."""
     method, space, template = text.partition(" ")
     if space and _METHOD.fullmatch(method):
-        return method, template
+        # HTTP methods are case-sensitive, but the standard ones are upper case: `get`
+        # means GET.
+        upper = method.upper()
+        return (upper if upper in _STANDARD else method), template
     return None, text
 
 
