@@ -1224,3 +1224,25 @@ async def test_wrap_pool_refuses_what_is_not_a_pool(conn: InstrumentedConnection
     for other in (object(), conn, conn._lw_inner, None):
         with pytest.raises(TypeError, match=r"wrap_pool\(\) takes an asyncpg pool"):
             wrap_pool(other)
+
+
+def test_a_later_event_loop_is_watched_not_taken_for_a_stalled_one(pg_dsn: str) -> None:
+    # Two loops one after the other in one process (two asyncio.run calls, as a test suite
+    # or a script makes): the first one's lag probe dies with it, and a watchdog left
+    # watching it takes the second loop's quiet moments for stalls (in CI: a 100 ms query
+    # recorded as loop wait behind "no request"). The probe must move to the new loop.
+    from loopwatch._capture.loop import monitor
+
+    async def main() -> tuple[RequestRecord, int, int]:
+        async with create_pool(pg_dsn, min_size=1, max_size=1) as p:
+            rec = await in_request(lambda: p.fetchval("SELECT pg_sleep(0.3)"))
+            seen = monitor.watchdog.probe_w
+            await asyncio.sleep(0.25)  # more than a probe interval, on this loop
+            return rec, seen, monitor.watchdog.probe_w
+
+    asyncio.run(main())
+    time.sleep(0.3)  # the first loop is gone: its probe is overdue by now
+    rec, seen, later = asyncio.run(main())
+    assert later > seen, "the lag probe runs on the second loop"
+    assert rec.loop_wait_ms < 20, rec
+    assert_db_time(rec, 300)

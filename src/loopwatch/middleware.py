@@ -148,10 +148,12 @@ class LoopWatch:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan" and state.loop_thread is None:
+            if scope["type"] == "lifespan":
                 # Watch the loop from start-up: a task the app starts there can stall it.
                 try:
-                    self._start_watching(asyncio.get_running_loop())
+                    loop = asyncio.get_running_loop()
+                    if type(loop.get_task_factory()) is not TaskFactory:
+                        self._start_watching(loop)
                 except Exception as exc:
                     _failures.failed("starting to watch the event loop", exc)
             if scope["type"] == "lifespan" and self._writer is not None:
@@ -167,12 +169,12 @@ class LoopWatch:
 
         try:
             loop = asyncio.get_running_loop()
-            if type(loop.get_task_factory()) is not TaskFactory:
-                install_task_factory(loop)
             st = state
-            if st.loop_thread is None:
+            if type(loop.get_task_factory()) is not TaskFactory:  # a loop not seen yet
+                first = st.loop_thread is None
                 self._start_watching(loop)
-                learn_base()
+                if first:
+                    learn_base()
             st.in_flight += 1
             trace = Trace(time.time(), perf_counter_ns(), scope["method"], scope["path"])
             trace.id_prefix = st.prefix
@@ -243,9 +245,13 @@ class LoopWatch:
             self._end(trace, scope, root_path, None)
 
     def _start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
-        if type(loop.get_task_factory()) is not TaskFactory:
-            install_task_factory(loop)
-        state.start_watching(loop, self.sample_interval, self.stall_threshold)
+        """Time the steps of ``loop``, a loop not seen yet, and watch it: the process's
+        first loop starts the sampler and the watchdog, a later one takes them over."""
+        install_task_factory(loop)
+        if state.loop_thread is None:
+            state.start_watching(loop, self.sample_interval, self.stall_threshold)
+        else:
+            state.watch_new_loop(loop)
 
     def _end(
         self, trace: Trace, scope: Scope, root_path: str, raised: BaseException | None

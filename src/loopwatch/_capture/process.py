@@ -84,6 +84,17 @@ class ProcessState:
         monitor.watchdog = dog
         self.start_lag_probe(loop, dog.probe_interval, dog.probed)
 
+    def watch_new_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A loop this process did not run before, once watching has started: the lag probe
+        moves to it, and the watchdog to its thread. Without this, the probe of a closed
+        loop never runs again and the watchdog takes the new loop's idleness for a stall."""
+        dog = monitor.watchdog
+        if dog is None:
+            return
+        self.loop_thread = threading.get_ident()
+        dog.watch_thread(self.loop_thread)
+        self.start_lag_probe(loop, dog.probe_interval, dog.probed)
+
     def start_lag_probe(
         self, loop: asyncio.AbstractEventLoop, interval: float, alive: Callable[[], None]
     ) -> None:

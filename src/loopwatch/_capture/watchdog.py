@@ -106,8 +106,7 @@ class Watchdog:
 
     def __init__(self, loop_thread: int, threshold_s: float, sinks: list[Any]) -> None:
         _find_loop_dirs()  # the server has imported its loop by now
-        self.loop_thread = loop_thread
-        self._stat_path = f"/proc/self/task/{threading.get_native_id()}/stat"
+        self.watch_thread(loop_thread)
         self.threshold_ns = int(threshold_s * 1e9)
         self.sinks = sinks
         self.probe_w = 0  # perf_counter_ns and loop thread CPU at the probe's last run
@@ -120,6 +119,13 @@ class Watchdog:
         self.samples: tuple[int, list[tuple[Frame, ...]], list[int]] = (0, [], [0, 0])
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._thread.start()
+
+    def watch_thread(self, loop_thread: int) -> None:
+        """Watch the event loop running on this thread (called on it): at start, and when
+        the process runs a new loop (the next ``asyncio.run``, a server restarted in-process)."""
+        self.loop_thread = loop_thread
+        self._stat_path = f"/proc/self/task/{threading.get_native_id()}/stat"
+        self.probe_w = perf_counter_ns()  # a fresh sign of life: the old loop's is stale
 
     # --- on the loop thread ---------------------------------------------------------
 
