@@ -242,7 +242,9 @@ def test_demo_end_to_end_on_the_embedded_database() -> None:
 def test_demo_cleans_up_on_ctrl_c() -> None:
     before = _demo_leftovers()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loopwatch", "demo", "--requests", "100"],
+        # Enough requests (~3 s on a pool of 15) that the demo is still at them when the
+        # signal comes, however fast the database starts (an external one: at once).
+        [sys.executable, "-m", "loopwatch", "demo", "--requests", "1000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     me = psutil.Process(proc.pid)
@@ -256,7 +258,7 @@ def test_demo_cleans_up_on_ctrl_c() -> None:
     children = me.children(recursive=True)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert "interrupted" in err
     assert "Traceback" not in err
     _gone, alive = psutil.wait_procs(children, timeout=20)

@@ -305,4 +305,9 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
 
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # one that came between main's own handlers (e.g. cleanup)
+        print("loopwatch: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
