@@ -31,7 +31,11 @@ class DemoError(Exception):
 
 
 def missing_packages(need_database: bool) -> list[str]:
-    names = ["starlette", "uvicorn", "httpx"] + (["pgserver"] if need_database else [])
+    return _missing(["starlette", "uvicorn", "httpx"] + (["pgserver"] if need_database else []))
+
+
+def _missing(names: list[str]) -> list[str]:
+    """Those of ``names`` that cannot be imported."""
     missing = []
     for name in names:
         try:
@@ -321,13 +325,7 @@ SYNC_INSTALL_HINT = "pip install 'loopwatch[demo,sync]'"
 
 
 def missing_sync_packages() -> list[str]:
-    missing = []
-    for name in ("flask", "psycopg", "gunicorn"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    return missing
+    return _missing(["flask", "psycopg", "gunicorn"])
 
 
 def temporary_workdir() -> Any:

@@ -249,7 +249,7 @@ def _stalled(stall: Stall, trace: Any) -> None:
 
 
 def _pool_facts() -> Iterable[tuple[str, _pg.InstrumentedPool, Any]]:
-    for pool in list(_pg.pools):
+    for pool in _pg.pool_snapshot():
         inner = pool._lw_inner
         # (asyncpg before 0.28 has no is_closing: its flags, then)
         closing = getattr(inner, "is_closing", None)

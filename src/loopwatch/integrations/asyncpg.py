@@ -499,17 +499,21 @@ pools: weakref.WeakSet[InstrumentedPool] = weakref.WeakSet()
 _pool_numbers = itertools.count(1)
 
 
+def pool_snapshot() -> list[InstrumentedPool]:
+    """The instrumented pools alive now, from any thread (the sampler's, a metric
+    reader's): a WeakSet cannot be listed while the loop thread adds a pool to it."""
+    for _ in range(3):
+        try:
+            return list(pools)
+        except RuntimeError:  # a pool was created meanwhile
+            continue
+    return []
+
+
 def _connections() -> tuple[int, int] | None:
     """For the process samples: the most connections each pool had in use at once, and
     the pools' maximum sizes, added up (on the sampler thread)."""
-    for _ in range(3):
-        try:
-            live = list(pools)
-            break
-        except RuntimeError:  # a pool was created meanwhile
-            continue
-    else:
-        return None
+    live = pool_snapshot()
     if not live:
         return None
     return (

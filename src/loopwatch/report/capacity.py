@@ -87,6 +87,7 @@ class Capacity:
 
     def to_json(self) -> dict[str, Any]:
         rss = self.worker_rss
+        room = self.headroom()
         old_peak = None if rss is None else self.no_queueing * rss
         old_shared = self.sync_bytes(self.no_queueing) if self.worker_uss is not None else None
         return {
@@ -106,7 +107,7 @@ class Capacity:
             "async_bytes": self.async_rss,
             "async_uss_bytes": self.async_uss,
             "loop_busy_max": self.loop_busy_max,
-            "loop_headroom": None if self.headroom() is None else round(self.headroom() or 0, 2),
+            "loop_headroom": None if room is None else round(room, 2),
             "db_connections_used_max": self.connections_used,
             "db_connections_max": self.connections_max,
             # Deprecated (0.x): the no-queueing figures under their old names; removed in
