@@ -87,7 +87,8 @@ def test_json_rows_name_the_method_and_count_4xx_apart(tmp_path: Path) -> None:
     assert data["errors"] == 2  # as before: 5xx or raised
     assert list(data["routes"][0]) == [
         "method", "route", "requests", "wall_p50_ms", "wall_p95_ms", "cpu_mean_ms",
-        "db_mean_ms", "pool_wait_mean_ms", "loop_wait_mean_ms", "client_errors", "errors",
+        "db_mean_ms", "pool_wait_mean_ms", "loop_wait_mean_ms", "db_statements_mean",
+        "client_errors", "errors",
         "wall_total_ms",
     ]  # fmt: skip
 

@@ -2,6 +2,7 @@
 
 app.add_middleware(LoopWatch)                 # records to ./loopwatch.jsonl
 pool = await create_pool(dsn, max_size=15)    # drop-in for asyncpg.create_pool
+async with timed("db", query):                # any other awaited call, by hand
 """
 
 from ._version import __version__
@@ -15,6 +16,7 @@ from .integrations.asyncpg import (
 )
 from .middleware import LoopWatch
 from .record import Meta, ProcessSample, RecordError, RequestRecord
+from .timing import Timed, timed
 
 __all__ = [
     "InstrumentedConnection",
@@ -24,9 +26,11 @@ __all__ = [
     "ProcessSample",
     "RecordError",
     "RequestRecord",
+    "Timed",
     "__version__",
     "connect",
     "create_pool",
+    "timed",
     "wrap_connection",
     "wrap_pool",
 ]

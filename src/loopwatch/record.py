@@ -137,6 +137,9 @@ class RequestRecord:
     segments_dropped: int = 0
     loop_wait_ms: float = 0.0
     blocked_by: BlockedBy | None = None
+    # Statements the app issued (an ORM statement of several round trips is one); None
+    # in files written before loopwatch counted them.
+    db_statements: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -154,6 +157,7 @@ class RequestRecord:
             "pool_wait_ms": self.pool_wait_ms,
             "loop_wait_ms": self.loop_wait_ms,
             "db_queries": self.db_queries,
+            "db_statements": self.db_statements,
             "rss_bytes": self.rss_bytes,
             "segments": [list(s) for s in self.segments],
         }
@@ -163,6 +167,8 @@ class RequestRecord:
             d["segments_dropped"] = self.segments_dropped
         if self.blocked_by is not None:
             d["blocked_by"] = self.blocked_by.to_dict()
+        if self.db_statements is None:
+            del d["db_statements"]
         return d
 
     def to_json(self) -> str:
@@ -186,6 +192,7 @@ class RequestRecord:
             self.segments_dropped,
             self.loop_wait_ms,
             self.blocked_by,
+            self.db_statements,
         )
 
     @classmethod
@@ -210,6 +217,7 @@ class RequestRecord:
             segments_dropped=_count(d, "segments_dropped", 0),
             loop_wait_ms=_ms(d, "loop_wait_ms") if "loop_wait_ms" in d else 0.0,
             blocked_by=None if blocked is None else BlockedBy.from_dict(blocked),
+            db_statements=(None if d.get("db_statements") is None else _count(d, "db_statements")),
         )
 
 
@@ -447,6 +455,7 @@ def request_line(
     segments_dropped: int,
     loop_wait_ms: float,
     blocked_by: BlockedBy | None,
+    db_statements: int | None = None,
 ) -> str:
     """A request line of the record file, formatted directly: the one place the line's
     layout is written (``segments`` comes already joined: ``["cpu",0.0,1.2],…``)."""
@@ -457,6 +466,7 @@ def request_line(
         tail += f',"segments_dropped":{segments_dropped}'
     if blocked_by is not None:
         tail += f',"blocked_by":{blocked_by.to_json()}'
+    statements = "" if db_statements is None else f'"db_statements":{db_statements},'
     return (
         f'{{"type":"request","id":{_esc(rid)},"pid":{pid},"start":{start!r},'
         f'"method":{_esc(method)},"path":{_esc(path)},'
@@ -464,6 +474,7 @@ def request_line(
         f'"wall_ms":{wall_ms!r},"cpu_ms":{cpu_ms!r},"db_ms":{db_ms!r},'
         f'"pool_wait_ms":{pool_wait_ms!r},"loop_wait_ms":{loop_wait_ms!r},'
         f'"db_queries":{db_queries},'
+        f"{statements}"
         f'"rss_bytes":{_opt_json(rss_bytes)},"segments":[{segments}]{tail}}}'
     )
 

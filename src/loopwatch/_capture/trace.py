@@ -62,6 +62,7 @@ class Trace:
         "seq",
         "start_ns",
         "start_unix",
+        "statements",
         "status",
         "step_c0",
         "step_w0",
@@ -105,7 +106,8 @@ class Trace:
         self.blocker: Held | None = None
         self.blocked_ns = 0
         self.blocked_by: BlockedBy | None = None  # the blocker, named when the request ends
-        self.queries = 0
+        self.queries = 0  # round trips to the database
+        self.statements = 0  # statements the app issued (timing.Timed, the asyncpg proxies)
         self.dropped = 0
         # Flat [start, end, start, end, ...] perf_counter_ns intervals.
         self.cpu: list[int] = []
@@ -240,6 +242,7 @@ class Trace:
             dropped,
             _ms(self.loop_ns),
             self.blocked_by,
+            self.statements,
         )
 
     def to_json(self) -> str:
@@ -272,6 +275,7 @@ class Trace:
             dropped,
             _ms(self.loop_ns),
             self.blocked_by,
+            self.statements,
         )
 
 

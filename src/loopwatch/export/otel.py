@@ -35,6 +35,7 @@ from .sql import QueryText, operation_name, sanitize
 
 if TYPE_CHECKING:
     from .._capture.trace import Trace
+    from ..timing import Timed
 
 _KNOWN_METHODS = frozenset(
     ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
@@ -42,6 +43,10 @@ _KNOWN_METHODS = frozenset(
 _PROPAGATED = frozenset((b"traceparent", b"tracestate", b"baggage"))
 # The modules of the ASGI middlewares that make a server span of their own.
 _OTEL_ASGI_MODULES = ("opentelemetry.instrumentation.asgi", "starlette.middleware.opentelemetry")
+# db.system.name values whose query text is SQL, which sanitize() can clean.
+_SQL_SYSTEMS = frozenset(
+    ("postgresql", "mysql", "mariadb", "sqlite", "oracle.db", "microsoft.sql_server", "other_sql")
+)
 TIMELINE_COLUMNS = 40
 STALL_EVENT = "loopwatch.stall"
 RECHECK_S = 1.0  # while no SDK provider is configured, look again this often
@@ -232,6 +237,55 @@ class RequestSpans:
             span.set_status(Status(StatusCode.ERROR))
         span.end()
 
+    def timed_span(
+        self, block: Timed, start_ns: int, end_ns: int, exc: BaseException | None
+    ) -> None:
+        """The span of a finished :func:`loopwatch.timed` block: a client span for a
+        statement (when query spans are on), an internal one for a pool wait."""
+        if block.kind == "db" and not self.owner.query_spans:
+            return
+        attributes: dict[str, Any] = {}
+        system = block.system
+        if system is not None:
+            attributes["db.system.name"] = system
+        if block.attributes:
+            attributes.update(block.attributes)
+        if block.kind == "pool":
+            name = "pool acquire"
+            kind = SpanKind.INTERNAL
+        else:
+            text, operation = block.query, block.operation
+            if text is not None:
+                mode = self.owner.query_text
+                sql = system is None or system in _SQL_SYSTEMS
+                clean = sanitize(text) if sql else None
+                if operation is None and clean is not None:
+                    operation = operation_name(clean)
+                if mode == "raw":
+                    attributes["db.query.text"] = text
+                elif mode == "sanitized" and clean is not None:
+                    attributes["db.query.text"] = clean
+            if operation:
+                attributes["db.operation.name"] = operation
+            namespace = attributes.get("db.namespace")
+            name = (
+                f"{operation} {namespace}"
+                if operation and namespace
+                else operation or system or "query"
+            )
+            kind = SpanKind.CLIENT
+        now_unix, now_perf = time_ns(), perf_counter_ns()
+        span = self.tracer.start_span(
+            name, kind=kind, attributes=attributes, start_time=now_unix - (now_perf - start_ns)
+        )
+        if exc is not None:
+            span.set_attribute("error.type", error_type(exc))
+            sqlstate = getattr(exc, "sqlstate", None)
+            if isinstance(sqlstate, str):
+                span.set_attribute("db.response.status_code", sqlstate)
+            span.set_status(Status(StatusCode.ERROR))
+        span.end(end_time=now_unix - (now_perf - end_ns))
+
     def waited(self, kind: str, start_ns: int, end_ns: int, connection: Any = None) -> None:
         """A span for a wait known only once it is over (pool acquire, cursor batch)."""
         if kind == "db" and not self.owner.query_spans:
@@ -259,6 +313,8 @@ def _loopwatch_attributes(record: RequestRecord) -> dict[str, Any]:
         "loopwatch.db_queries": record.db_queries,
         "loopwatch.timeline": render_bar(record, TIMELINE_COLUMNS),
     }
+    if record.db_statements is not None:
+        attributes["loopwatch.db_statements"] = record.db_statements
     if record.rss_bytes is not None:
         attributes["loopwatch.rss_bytes"] = record.rss_bytes
     blocked = record.blocked_by

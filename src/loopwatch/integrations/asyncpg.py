@@ -30,6 +30,7 @@ import asyncpg.connection
 
 from .._capture import process as _process
 from .._capture.trace import current
+from ..timing import scope
 
 # asyncpg's Connection answers isinstance() for subclasses of this marker class, which is
 # how its own pool proxy passes as a Connection. Where it is missing, a proxy still works
@@ -49,17 +50,30 @@ async def _timed(
     proxy: Any = None,
     call: str = "",
     args: tuple[Any, ...] = (),
+    statement: bool = False,
 ) -> Any:
     """Await ``awaitable`` and record on the current trace how long it was suspended.
 
     An await that never suspended (a cursor row already buffered, an idle pooled
     connection) did not wait for the database, and records no interval. ``proxy``,
     ``call`` and ``args`` describe the query for its span, when spans are on.
+    ``statement``: the call issues a statement of the app's (not a prepare, a cursor's
+    next batch or transaction control), counted in ``db_statements``.
+
+    Inside a :func:`loopwatch.timed` statement (an ORM's), the round trip is still
+    recorded but it is not another statement and has no span of its own; inside a timed
+    pool checkout, nothing is recorded (a new connection's setup is the checkout's).
     """
     trace = current.get()
     if trace is None or not trace.open:
         return await awaitable
     spans = trace.otel
+    outer = scope.get()
+    if outer is not None:
+        if outer.kind == "pool":
+            return await awaitable
+        spans = None
+        statement = False
     step = trace.step_w0
     if spans is None:
         t0 = perf_counter_ns()
@@ -70,7 +84,7 @@ async def _timed(
                 count = _NEVER
             raise
         finally:
-            _account(trace, step, t0, pool, count)
+            _account(trace, step, t0, pool, count, statement)
     # With spans (inline rather than a second coroutine: this is every query's path).
     text, operation, connection = (
         proxy._lw_describe(call, args) if proxy is not None else (None, None, None)
@@ -80,10 +94,10 @@ async def _timed(
     try:
         result = await awaitable
     except BaseException as exc:
-        _account(trace, step, t0, pool, _NEVER if _unsent(exc) else count)
+        _account(trace, step, t0, pool, _NEVER if _unsent(exc) else count, statement)
         spans.query_end(span, exc)
         raise
-    suspended, t1 = _account(trace, step, t0, pool, count)
+    suspended, t1 = _account(trace, step, t0, pool, count, statement)
     spans.query_end(span, None)
     if suspended and span is None and (pool or count == _IF_SUSPENDED):  # a wait, a batch
         spans.waited("pool" if pool else "db", t0, t1, connection)
@@ -101,7 +115,9 @@ def _unsent(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.DataError) and "sqlstate" not in vars(exc)
 
 
-def _account(trace: Any, step: int, t0: int, pool: bool, count: int) -> tuple[bool, int]:
+def _account(
+    trace: Any, step: int, t0: int, pool: bool, count: int, statement: bool = False
+) -> tuple[bool, int]:
     """Record an awaited call that began at ``t0`` in step ``step``; returns whether it
     was suspended, and when it ended."""
     t1 = perf_counter_ns()
@@ -112,13 +128,21 @@ def _account(trace: Any, step: int, t0: int, pool: bool, count: int) -> tuple[bo
             trace.add(trace.pool if pool else trace.db, t0, t1)
         if count == _ALWAYS or (count == _IF_SUSPENDED and suspended):
             trace.queries += 1
+            if statement:
+                trace.statements += 1
     return suspended, t1
 
 
-def _query(name: str) -> Callable[..., Awaitable[Any]]:
+def _query(name: str, statement: bool = True) -> Callable[..., Awaitable[Any]]:
+    """A timed query method; ``statement``: each call is one of the app's statements."""
+
     async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         return await _timed(
-            getattr(self._lw_inner, name)(*args, **kwargs), proxy=self, call=name, args=args
+            getattr(self._lw_inner, name)(*args, **kwargs),
+            proxy=self,
+            call=name,
+            args=args,
+            statement=statement,
         )
 
     method.__name__ = method.__qualname__ = name
@@ -301,13 +325,16 @@ class InstrumentedCursorFactory(_CursorProxy):
     __slots__ = ()
 
     def __aiter__(self) -> InstrumentedCursorIterator:
+        trace = current.get()  # the statement; its batches are queries only
+        if trace is not None and trace.open and scope.get() is None:
+            trace.statements += 1
         return InstrumentedCursorIterator(self._lw_inner.__aiter__(), self._lw_con, self._lw_text)
 
     def __await__(self) -> Generator[Any, None, InstrumentedCursor]:
         return self._open().__await__()
 
     async def _open(self) -> InstrumentedCursor:
-        cursor = await _timed(self._lw_inner, proxy=self, call="open")
+        cursor = await _timed(self._lw_inner, proxy=self, call="open", statement=True)
         return InstrumentedCursor(cursor, self._lw_con, self._lw_text)
 
 
@@ -327,9 +354,9 @@ class InstrumentedCursorIterator(_CursorProxy):
 class InstrumentedCursor(_CursorProxy):
     __slots__ = ()
 
-    fetch = _query("fetch")
-    fetchrow = _query("fetchrow")
-    forward = _query("forward")
+    fetch = _query("fetch", statement=False)
+    fetchrow = _query("fetchrow", statement=False)
+    forward = _query("forward", statement=False)
 
 
 class InstrumentedTransaction(_Proxy):
@@ -341,9 +368,9 @@ class InstrumentedTransaction(_Proxy):
         self._lw_inner = transaction
         self._lw_con = connection
 
-    start = _query("start")
-    commit = _query("commit")
-    rollback = _query("rollback")
+    start = _query("start", statement=False)
+    commit = _query("commit", statement=False)
+    rollback = _query("rollback", statement=False)
 
     async def __aenter__(self) -> None:
         await _timed(self._lw_inner.__aenter__(), proxy=self, call="start")

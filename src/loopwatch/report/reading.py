@@ -81,6 +81,8 @@ class RouteAcc:
     db: float = 0.0
     pool: float = 0.0
     loop: float = 0.0  # loop wait
+    statements: int = 0  # db_statements, over the requests that have it
+    statements_known: int = 0  # requests with db_statements (older files have none)
     errors: int = 0  # status 500 or more, or raised
     client_errors: int = 0  # status 400 to 499 (and not raised)
     walls: array[float] = field(default_factory=lambda: array("d"))
@@ -299,6 +301,10 @@ def _read(
             acc.pool += pool
             acc.loop += loop
             acc.walls.append(wall)
+            statements = d.get("db_statements")
+            if statements is not None:
+                acc.statements += statements
+                acc.statements_known += 1
             status = d.get("status")
             if d.get("error") is not None or (status is not None and status >= 500):
                 acc.errors += 1
@@ -381,6 +387,7 @@ def _valid_request(d: dict[str, Any]) -> bool:
         pool = d["pool_wait_ms"]
         loop = d.get("loop_wait_ms", 0.0)
         queries = d["db_queries"]
+        statements = d.get("db_statements")
         dropped = d.get("segments_dropped", 0)
         route = d.get("route")
         status = d.get("status")
@@ -404,6 +411,7 @@ def _valid_request(d: dict[str, Any]) -> bool:
             and 0.0 <= loop <= _MAX_MS
             and type(queries) is int
             and queries >= 0
+            and (statements is None or (type(statements) is int and statements >= 0))
             and type(dropped) is int
             and dropped >= 0
             and (route is None or type(route) is str)

@@ -110,6 +110,8 @@ class RouteStats:
     wall_total: float
     method: str | None = None  # clean()ed; None for the rows of no single route
     client_errors: int = 0  # status 400 to 499
+    # Mean db_statements per request, over the requests that recorded it (None: none did).
+    statements_mean: float | None = None
 
     @property
     def label(self) -> str:
@@ -127,6 +129,9 @@ class RouteStats:
             "db_mean_ms": round(self.db_mean, 3),
             "pool_wait_mean_ms": round(self.pool_mean, 3),
             "loop_wait_mean_ms": round(self.loop_mean, 3),
+            "db_statements_mean": (
+                None if self.statements_mean is None else round(self.statements_mean, 3)
+            ),
             "client_errors": self.client_errors,
             "errors": self.errors,
             "wall_total_ms": round(self.wall_total, 3),
@@ -159,6 +164,8 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
             merged.db += a.db
             merged.pool += a.pool
             merged.loop += a.loop
+            merged.statements += a.statements
+            merged.statements_known += a.statements_known
             merged.errors += a.errors
             merged.client_errors += a.client_errors
             merged.walls.extend(a.walls)
@@ -183,6 +190,7 @@ def _route_stats(a: RouteAcc, name: str, method: str | None = None) -> RouteStat
         db_mean=a.db / n,
         pool_mean=a.pool / n,
         loop_mean=a.loop / n,
+        statements_mean=a.statements / a.statements_known if a.statements_known else None,
         errors=a.errors,
         wall_total=a.wall,
     )
@@ -359,11 +367,15 @@ _ROUTE_COLUMNS: tuple[
     ("p95", lambda r: fmt_ms(r.wall_p95), 2),
     ("cpu", lambda r: fmt_ms(r.cpu_mean), 4),
     ("db", lambda r: fmt_ms(r.db_mean), 3),
+    ("stmts", lambda r: "-" if r.statements_mean is None else f"{r.statements_mean:.3g}", 8),
     ("pool", lambda r: fmt_ms(r.pool_mean), 7),
     ("loop", lambda r: fmt_ms(r.loop_mean), 5),
-    ("4xx", lambda r: f"{r.client_errors:,}", 8),
+    ("4xx", lambda r: f"{r.client_errors:,}", 9),
     ("5xx", lambda r: f"{r.errors:,}", 6),  # or raised
 )
+
+
+_STATEMENTS = [h for h, _, _ in _ROUTE_COLUMNS].index("stmts")
 
 
 def render_routes(s: Summary, width: int, color: bool) -> str:
@@ -375,6 +387,8 @@ def render_routes(s: Summary, width: int, color: bool) -> str:
     names = [r.label for r in rows]
     route_w = max(5, *(width_of(n) for n in names))
     keep = set(range(len(_ROUTE_COLUMNS)))
+    if all(r.statements_mean is None for r in rows):  # a file from before they were counted
+        keep.discard(_STATEMENTS)
     # Drop the least important columns until a route name of 12 columns fits.
     for i in sorted(keep, key=lambda i: -_ROUTE_COLUMNS[i][2]):
         if 2 + min(route_w, 12) + sum(widths[j] for j in keep) <= width or len(keep) == 1:
@@ -382,7 +396,8 @@ def render_routes(s: Summary, width: int, color: bool) -> str:
         keep.discard(i)
     shown = sorted(keep)
     route_w = max(1, min(route_w, width - 2 - sum(widths[i] for i in shown)))
-    title = "Routes, by total wall time (mean cpu, db, pool wait and loop wait per request)"
+    means = "cpu, db, statements," if _STATEMENTS in keep else "cpu, db,"
+    title = f"Routes, by total wall time (mean {means} pool wait and loop wait per request)"
     lines = [paint(line, "1", color) for line in wrap(title, width, "", "  ")]
     head = (
         "  "
