@@ -72,6 +72,7 @@ class Timed:
         "outermost",
         "queries",
         "query",
+        "span",
         "statement",
         "system",
     )
@@ -100,6 +101,8 @@ class Timed:
         # A "db" block is one of the app's statements; False for a round trip that is not
         # (transaction control, a cursor's next batch): counted in db_queries only.
         self.statement = statement
+        # Set False before stop() for no span (another instrumentation made this one's).
+        self.span = True
         self.outermost = False  # whether it opened the scope (counts, and makes the span)
         # Round trips counted by the driver inside the block (set by stop()).
         self.queries = 0
@@ -153,7 +156,12 @@ class Timed:
             if self.outermost and self.statement:
                 trace.statements += 1
         spans = trace.otel
-        if spans is not None and self.outermost and (suspended or self.kind == "db"):
+        if (
+            spans is not None
+            and self.span
+            and self.outermost
+            and (suspended or self.kind == "db")
+        ):
             try:
                 spans.timed_span(self, t0, t1, error)
             except Exception as exc:  # never the app's failure
