@@ -228,6 +228,7 @@ async def test_connection_query_is_counted_and_timed(open_conn: Opener, path: st
 
     rec = await in_request(body)
     assert rec.db_queries == 1
+    assert rec.db_statements == 1
     assert_db_time(rec, SLEEP_MS)
 
 
@@ -250,6 +251,7 @@ async def test_prepared_statement_is_counted_and_timed(open_conn: Opener, path: 
 
     rec = await in_request(body)
     assert rec.db_queries == 2  # the prepare and the execution
+    assert rec.db_statements == 1  # the execution: a prepare is not a statement of the app's
     assert_db_time(rec, SLEEP_MS)
 
 
@@ -260,6 +262,7 @@ async def test_prepare_alone_is_one_query(conn: InstrumentedConnection) -> None:
 
     rec = await in_request(body)
     assert rec.db_queries == 1
+    assert rec.db_statements == 0  # a prepare is not a statement of the app's
     assert rec.db_ms > 0
 
 
@@ -275,6 +278,7 @@ async def test_cursor_iteration_is_counted_and_timed(open_conn: Opener) -> None:
     assert len(rows) == 1
     # BEGIN, the one round trip that fetched the row (and closed the portal), COMMIT.
     assert rec.db_queries == 3
+    assert rec.db_statements == 1  # the cursor's query; BEGIN and COMMIT are not
     assert_db_time(rec, SLEEP_MS)
 
 
@@ -306,6 +310,7 @@ async def test_awaited_prepared_statement_cursor_is_counted_and_timed(
 
     rec = await in_request(body)
     assert rec.db_queries == 5  # BEGIN, prepare, open, fetchrow, COMMIT
+    assert rec.db_statements == 1  # the open
     assert_db_time(rec, SLEEP_MS)
 
 
@@ -324,6 +329,7 @@ async def test_cursor_iteration_counts_round_trips_not_rows(conn: InstrumentedCo
     # the portal's close); the other 23 calls were served from asyncpg's buffer. Plus
     # BEGIN and COMMIT.
     assert rec.db_queries == 2 + 3
+    assert rec.db_statements == 1
 
 
 CURSOR_METHODS: dict[str, Callable[[Any], Awaitable[Any]]] = {
@@ -391,6 +397,7 @@ async def test_connection_copy_is_counted_and_timed(
 
     rec = await in_request(body)
     assert rec.db_queries == 1
+    assert rec.db_statements == 1
     assert rec.db_ms > 0
     assert await row_count(pg_dsn, table) == 2 + added
 
@@ -458,6 +465,7 @@ async def test_transaction_block_counts_begin_and_commit(conn: InstrumentedConne
 
     rec = await in_request(body)
     assert rec.db_queries == 3  # BEGIN, SELECT, COMMIT
+    assert rec.db_statements == 1
     assert rec.db_ms > 0
 
 
@@ -474,6 +482,7 @@ async def test_transaction_start_commit_rollback_are_counted(
 
     rec = await in_request(body)
     assert rec.db_queries == 4
+    assert rec.db_statements == 0
     assert not conn.is_in_transaction()
 
 

@@ -1,0 +1,146 @@
+"""The public timing API, loopwatch.timed(): against what the endpoints of
+tests/timing_app.py measured themselves, under a real uvicorn and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import loopwatch
+from loopwatch import timed
+
+from .conftest import serve
+from .helpers import wait_for_requests
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _get(url: str) -> dict[str, Any]:
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def _gates(url: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        responses = await asyncio.gather(*(client.get(f"{url}/gate/{i}") for i in range(3)))
+    return [r.json() for r in responses]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_timed_blocks_match_what_the_endpoint_measured(
+    pg_dsn: str, record_file: Path, loop: str
+) -> None:
+    env = {"LOOPWATCH_FILE": str(record_file), "LOOPWATCH_TEST_DSN": pg_dsn}
+    with serve("tests.timing_app:app", env, loop=loop) as server:
+        block = _get(f"{server.url}/block?ms=80")
+        decorated = _get(f"{server.url}/decorated?ms=30")
+        gates = asyncio.run(_gates(server.url))
+        nested = _get(f"{server.url}/nested")
+        fails = _get(f"{server.url}/fails")
+        cached = _get(f"{server.url}/cached")
+        records = {r["path"]: r for r in wait_for_requests(record_file, 9)}
+
+    rec = records["/block"]
+    assert rec["db_ms"] >= 80 - 1, rec
+    assert block["db_ms"] - 3 <= rec["db_ms"] + rec["loop_wait_ms"] <= block["db_ms"] + 1, rec
+    assert (rec["db_queries"], rec["db_statements"]) == (2, 2)
+
+    rec = records["/decorated"]
+    assert decorated["value"] == "valuevalue"
+    assert rec["db_ms"] >= 60 - 1, rec
+    assert rec["db_ms"] <= decorated["db_ms"] + 1, rec
+    assert (rec["db_queries"], rec["db_statements"]) == (2, 2)
+
+    # A pool of one held 100 ms by each of three requests at once.
+    waits = sorted(g["pool_ms"] for g in gates)
+    assert waits[2] >= 190, gates
+    for truth in gates:
+        rec = records[f"/gate/{truth['n']}"]
+        assert abs(rec["pool_wait_ms"] + rec["loop_wait_ms"] - truth["pool_ms"]) <= 5, (truth, rec)
+        assert rec["pool_wait_ms"] >= truth["pool_ms"] - 5, (truth, rec)
+        assert rec["db_ms"] >= 100 - 1, rec
+
+    # Around a driver loopwatch instruments: the driver counts the round trips (prepare,
+    # execute), the block the one statement; a block inside it is a query, and so is a
+    # block with statement=False.
+    rec = records["/nested"]
+    assert rec["db_statements"] == nested["statements"]
+    assert rec["db_queries"] == nested["queries"]
+
+    assert fails == {"error": "UndefinedTableError"}  # the app's exception, unchanged
+    assert records["/fails"]["db_statements"] == 1
+
+    rec = records["/cached"]
+    assert cached["statements"] == rec["db_statements"] == 1
+    assert rec["db_ms"] == 0.0  # it never suspended: no wait to record
+    assert not [s for s in rec["segments"] if s[0] == "db"]
+
+
+def test_timed_blocks_make_client_spans(pg_dsn: str, record_file: Path) -> None:
+    env = {"LOOPWATCH_FILE": str(record_file), "LOOPWATCH_TEST_DSN": pg_dsn, "OTEL": "1"}
+    with serve("tests.timing_app:app", env) as server:
+        _get(f"{server.url}/block?ms=20")
+        _get(f"{server.url}/decorated?ms=5")
+        _get(f"{server.url}/nested")
+        _get(f"{server.url}/fails")
+        spans = httpx.get(f"{server.url}/spans", timeout=30).json()
+    clients = [s for s in spans if s["kind"] == "CLIENT"]
+    by_text: dict[str, list[dict[str, Any]]] = {}
+    for span in clients:
+        by_text.setdefault(span["attributes"].get("db.query.text", span["name"]), []).append(span)
+
+    sleep = by_text["SELECT pg_sleep($1)"][0]
+    assert sleep["attributes"]["db.system.name"] == "postgresql"
+    assert sleep["attributes"]["db.operation.name"] == "SELECT"
+    assert sleep["duration_ms"] >= 20 - 1
+    assert "SELECT ?" in by_text  # SELECT 1, sanitized
+    # Not SQL: no text unless query_text="raw", the operation as given by nobody -> name.
+    redis = [s for s in clients if s["attributes"].get("db.system.name") == "redis"]
+    assert len(redis) == 2
+    assert all("db.query.text" not in s["attributes"] for s in redis)
+    # The nested statement is one span: not one more per prepare and execute below it.
+    below = {"SELECT $1::int", "SELECT inner"}
+    assert [s for s in clients if s["attributes"].get("db.query.text") in below] == []
+    assert len(by_text["SELECT ?"]) == 2  # /block's SELECT 1 and /nested's SELECT 2
+    failed = by_text["SELECT broken"][0]
+    assert failed["status"] == "ERROR"
+    assert failed["attributes"]["error.type"] == "asyncpg.exceptions.UndefinedTableError"
+    assert failed["attributes"]["db.response.status_code"] == "42P01"
+
+
+async def test_outside_a_request_a_block_records_nothing_and_changes_nothing() -> None:
+    async with timed("db", "SELECT 1") as block:
+        await asyncio.sleep(0)
+    assert block.queries == 0
+    with pytest.raises(KeyError):
+        async with timed("pool"):
+            raise KeyError("the app's own")
+
+    @timed("db")
+    async def answer(x: int) -> int:
+        """Docs kept."""
+        return x * 2
+
+    assert await answer(21) == 42
+    assert answer.__name__ == "answer"
+    assert answer.__doc__ == "Docs kept."
+
+
+def test_bad_use_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="'db' or 'pool'"):
+        timed("http")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="query must be a string"):
+        timed("db", b"SELECT 1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="coroutine functions"):
+        timed("db")(lambda: None)
+    block = timed("db").start()
+    with pytest.raises(RuntimeError, match="already running"):
+        block.start()
+    block.stop()
+    block.stop()  # stopping twice is harmless
+    assert loopwatch.timed is timed

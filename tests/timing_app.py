@@ -1,0 +1,159 @@
+"""A Starlette app timing its own awaits with loopwatch.timed(), served by uvicorn in the
+tests' subprocesses. Each endpoint measures what it did itself and returns it.
+
+Configured by LOOPWATCH_FILE, LOOPWATCH_TEST_DSN and OTEL (``1``: an SDK tracer provider
+with an in-memory exporter, read back at /spans).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+import loopwatch
+from loopwatch import LoopWatch, timed
+
+DSN = os.environ.get("LOOPWATCH_TEST_DSN", "")
+exporter: Any = None
+if os.environ.get("OTEL"):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    # A driver loopwatch does not instrument (asyncpg's own connection): timed() alone
+    # reports its awaits. And one it does, for nesting.
+    app.state.raw = await asyncpg.connect(DSN)
+    app.state.pool = await loopwatch.create_pool(DSN, min_size=1, max_size=2)
+    app.state.gate = asyncio.Semaphore(1)  # a pool of one, of the app's own making
+    yield
+    await app.state.raw.close()
+    await app.state.pool.close()
+
+
+async def ready(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def block(request: Request) -> Response:
+    """Two statements on a raw connection, each in an ``async with timed("db")``."""
+    ms = float(request.query_params.get("ms", "50"))
+    raw = request.app.state.raw
+    t0 = time.perf_counter()
+    async with timed("db", "SELECT pg_sleep($1)", system="postgresql"):
+        await raw.fetchval("SELECT pg_sleep($1)", ms / 1000)
+    async with timed("db", "SELECT 1", system="postgresql"):
+        await raw.fetchval("SELECT 1")
+    t1 = time.perf_counter()
+    return JSONResponse({"db_ms": (t1 - t0) * 1000})
+
+
+@timed("db", "GET key", system="redis")
+async def fake_redis_get(ms: float) -> str:
+    await asyncio.sleep(ms / 1000)  # a network round trip to another service
+    return "value"
+
+
+async def decorated(request: Request) -> Response:
+    ms = float(request.query_params.get("ms", "30"))
+    t0 = time.perf_counter()
+    value = await fake_redis_get(ms)
+    value += await fake_redis_get(ms)
+    return JSONResponse({"db_ms": (time.perf_counter() - t0) * 1000, "value": value})
+
+
+async def gate(request: Request) -> Response:
+    """A pool of the app's own: wait for it as a ``"pool"`` block, hold it ``ms``."""
+    ms = float(request.query_params.get("ms", "100"))
+    t0 = time.perf_counter()
+    async with timed("pool"):
+        await request.app.state.gate.acquire()
+    t1 = time.perf_counter()
+    try:
+        async with timed("db"):
+            await asyncio.sleep(ms / 1000)
+    finally:
+        request.app.state.gate.release()
+    return JSONResponse({"n": request.path_params["n"], "pool_ms": (t1 - t0) * 1000})
+
+
+async def nested(request: Request) -> Response:
+    """An ORM-like statement around loopwatch's own asyncpg: one statement, its queries."""
+    pool = request.app.state.pool
+    async with pool.acquire() as conn, timed("db", "SELECT 2", system="postgresql"):
+        statement = await conn.prepare("SELECT $1::int")
+        await statement.fetchval(2)
+        async with timed("db", "SELECT inner"):  # a block inside: a query, no statement
+            await asyncio.sleep(0.001)
+    # Control: a round trip that is not a statement.
+    async with timed("db", "COMMIT", statement=False, system="postgresql"):
+        await asyncio.sleep(0.001)
+    return JSONResponse({"statements": 1, "queries": 4})
+
+
+async def fails(request: Request) -> Response:
+    try:
+        async with timed("db", "SELECT broken", system="postgresql"):
+            await request.app.state.raw.fetchval("SELECT * FROM no_such_table")
+    except asyncpg.UndefinedTableError as exc:
+        return JSONResponse({"error": type(exc).__name__})
+    return JSONResponse({"error": None})
+
+
+async def cached(request: Request) -> Response:
+    """A block that never suspends (a cache hit): no interval, still a statement."""
+    async with timed("db", "GET cached", system="redis"):
+        pass
+    return JSONResponse({"statements": 1})
+
+
+async def spans(request: Request) -> Response:
+    if exporter is None:
+        return JSONResponse([])
+    return JSONResponse(
+        [
+            {
+                "name": s.name,
+                "kind": s.kind.name,
+                "scope": s.instrumentation_scope.name if s.instrumentation_scope else None,
+                "attributes": dict(s.attributes or {}),
+                "status": s.status.status_code.name,
+                "duration_ms": ((s.end_time or 0) - (s.start_time or 0)) / 1e6,
+            }
+            for s in exporter.get_finished_spans()
+        ]
+    )
+
+
+app = Starlette(
+    routes=[
+        Route("/ready", ready),
+        Route("/block", block),
+        Route("/decorated", decorated),
+        Route("/gate/{n}", gate),
+        Route("/nested", nested),
+        Route("/fails", fails),
+        Route("/cached", cached),
+        Route("/spans", spans),
+    ],
+    lifespan=lifespan,
+)
+app.add_middleware(LoopWatch)
