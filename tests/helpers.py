@@ -67,6 +67,20 @@ def wait_for_requests(path: Path, n: int, timeout: float = 10.0) -> list[dict[st
     raise AssertionError(f"expected {n} request records in {path}, found {len(found)}")
 
 
+def requests_by_path(path: Path, n: int, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+    """The records of ``n`` requests sent by a test, by path, once written; the server's
+    readiness checks (``/ready``, polled until it answers: maybe several) not counted."""
+    deadline = time.monotonic() + timeout
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        if path.exists():
+            found = [r for r in requests_in(path) if r["path"] != "/ready"]
+            if len(found) >= n:
+                return {r["path"]: r for r in found}
+        time.sleep(0.05)
+    raise AssertionError(f"expected {n} request records in {path}, found {len(found)}")
+
+
 def burn_cpu(ms: float) -> float:
     """Spin until this thread has used ``ms`` of CPU; returns the CPU actually used (ms)."""
     start = time.thread_time_ns()

@@ -14,7 +14,7 @@ import loopwatch
 from loopwatch import timed
 
 from .conftest import serve
-from .helpers import wait_for_requests
+from .helpers import requests_by_path
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -43,7 +43,7 @@ def test_timed_blocks_match_what_the_endpoint_measured(
         nested = _get(f"{server.url}/nested")
         fails = _get(f"{server.url}/fails")
         cached = _get(f"{server.url}/cached")
-        records = {r["path"]: r for r in wait_for_requests(record_file, 9)}
+        records = requests_by_path(record_file, 8)
 
     rec = records["/block"]
     assert rec["db_ms"] >= 80 - 1, rec
