@@ -72,6 +72,7 @@ class Timed:
         "outermost",
         "queries",
         "query",
+        "running",
         "span",
         "statement",
         "system",
@@ -104,6 +105,10 @@ class Timed:
         # Set False before stop() for no span (another instrumentation made this one's).
         self.span = True
         self.outermost = False  # whether it opened the scope (counts, and makes the span)
+        # Started in a request and not stopped. A block left running (its stop() never
+        # called: an ORM's hook that did not fire) scopes nothing once it is stopped or
+        # its request is over.
+        self.running = False
         # Round trips counted by the driver inside the block (set by stop()).
         self.queries = 0
         self._trace: Trace | bool | None = _IDLE
@@ -120,7 +125,9 @@ class Timed:
             self._trace = _OFF
             return self
         self._trace = trace
-        if scope.get() is None:
+        self.running = True
+        outer = scope.get()
+        if outer is None or not outer.running or outer._trace is not trace:
             self.outermost = True
             self._token = scope.set(self)
         self.queries = trace.queries
@@ -133,6 +140,7 @@ class Timed:
         or already stopped, is left as it is."""
         trace = self._trace
         self._trace = _IDLE
+        self.running = False
         if trace is _IDLE or trace is _OFF:
             return
         t1 = perf_counter_ns()

@@ -69,7 +69,7 @@ async def _timed(
         return await awaitable
     spans = trace.otel
     outer = scope.get()
-    if outer is not None:
+    if outer is not None and outer.running and outer._trace is trace:
         if outer.kind == "pool":
             return await awaitable
         spans = None
@@ -326,7 +326,8 @@ class InstrumentedCursorFactory(_CursorProxy):
 
     def __aiter__(self) -> InstrumentedCursorIterator:
         trace = current.get()  # the statement; its batches are queries only
-        if trace is not None and trace.open and scope.get() is None:
+        outer = scope.get()
+        if trace is not None and trace.open and not (outer and outer.running):
             trace.statements += 1
         return InstrumentedCursorIterator(self._lw_inner.__aiter__(), self._lw_con, self._lw_text)
 
