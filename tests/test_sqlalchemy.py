@@ -66,10 +66,12 @@ def test_a_request_matches_what_it_measured(app_server: tuple[Server, Path, str]
     rec = _records(records, 2)["/work/1"]
 
     assert truth["cpu_ms"] - 0.5 <= rec["cpu_ms"] <= truth["cpu_ms"] + 10, (truth, rec)
-    # The endpoint's own figure covers BEGIN and ROLLBACK, which the bare engine's driver
-    # runs unseen; the loop wait inside the awaits is the endpoint's too.
+    # The endpoint's clock around its statements also ran SQLAlchemy's own work (compiling,
+    # processing rows: CPU on the loop, loopwatch's cpu_ms beyond the burn) and waits for
+    # the loop; it covers BEGIN and ROLLBACK, which the bare engine's driver runs unseen.
     assert rec["db_ms"] >= 100 - 2, rec
-    assert truth["db_ms"] - 3 <= rec["db_ms"] + rec["loop_wait_ms"], (truth, rec)
+    orm_cpu = rec["cpu_ms"] - truth["cpu_ms"]
+    assert truth["db_ms"] - 3 <= rec["db_ms"] + rec["loop_wait_ms"] + orm_cpu, (truth, rec)
     assert rec["db_ms"] <= truth["db_ms"] + 1, (truth, rec)
     assert rec["pool_wait_ms"] <= truth["pool_ms"] + 1, (truth, rec)
     assert rec["db_statements"] == truth["statements"] == 3
@@ -101,8 +103,11 @@ def test_pool_wait_on_a_pool_of_one(app_server: tuple[Server, Path, str]) -> Non
     assert waits[2] >= 190, truths
     for truth in truths:
         rec = recs[f"/hold/{truth['n']}"]
-        assert abs(rec["pool_wait_ms"] + rec["loop_wait_ms"] - truth["pool_ms"]) <= 5, (truth, rec)
-        assert rec["pool_wait_ms"] >= truth["pool_ms"] - 5, (truth, rec)
+        # The endpoint's clock around the checkout also ran the pool's own code (CPU).
+        waited = rec["pool_wait_ms"] + rec["loop_wait_ms"]
+        assert waited + rec["cpu_ms"] >= truth["pool_ms"] - 2, (truth, rec)
+        assert rec["pool_wait_ms"] <= truth["pool_ms"] + 1, (truth, rec)
+        assert rec["pool_wait_ms"] >= truth["pool_ms"] - 10, (truth, rec)
         assert rec["db_ms"] >= 100 - 2, rec
         assert rec["db_ms"] <= truth["db_ms"] + 1, (truth, rec)
         assert rec["db_statements"] == 1
