@@ -504,13 +504,18 @@ class InstrumentedPool(_Proxy):
 def create_pool(*args: Any, **kwargs: Any) -> InstrumentedPool:
     """Drop-in for ``asyncpg.create_pool``: same arguments, a pool that behaves the same."""
     dsn = args[0] if args and isinstance(args[0], str) else kwargs.get("dsn")
-    return InstrumentedPool(asyncpg.create_pool(*args, **kwargs), _pool_name(dsn))
+    return InstrumentedPool(asyncpg.create_pool(*args, **kwargs), _pool_name(dsn, kwargs))
 
 
-def _pool_name(dsn: Any) -> str | None:
-    """``host:port/database`` from a DSN, never its user or password."""
+def _pool_name(dsn: Any, kwargs: dict[str, Any] | None = None) -> str | None:
+    """``host:port/database`` from a DSN, or from ``host``, ``port`` and ``database``
+    keyword arguments (Tortoise passes those); never a user or password."""
     if not isinstance(dsn, str):
-        return None
+        kw = kwargs or {}
+        host, port, database = kw.get("host"), kw.get("port"), kw.get("database")
+        if not (isinstance(host, str) and isinstance(database, str)):
+            return None
+        return f"{host}{f':{port}' if port else ''}/{database}"
     try:
         url = urlsplit(dsn)
         host = url.hostname or parse_qs(url.query).get("host", [""])[0]
