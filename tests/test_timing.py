@@ -64,6 +64,8 @@ def test_timed_blocks_match_what_the_endpoint_measured(
         assert abs(rec["pool_wait_ms"] + rec["loop_wait_ms"] - truth["pool_ms"]) <= 5, (truth, rec)
         assert rec["pool_wait_ms"] >= truth["pool_ms"] - 5, (truth, rec)
         assert rec["db_ms"] >= 100 - 1, rec
+        # The db block inside the pool block was the checkout's: no query of its own.
+        assert (rec["db_queries"], rec["db_statements"]) == (1, 1), rec
 
     # Around a driver loopwatch instruments: the driver counts the round trips (prepare,
     # execute), the block the one statement; a block inside it is a query, and so is a

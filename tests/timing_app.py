@@ -60,7 +60,7 @@ async def block(request: Request) -> Response:
     t0 = time.perf_counter()
     async with timed("db", "SELECT pg_sleep($1)", system="postgresql"):
         await raw.fetchval("SELECT pg_sleep($1)", ms / 1000)
-    async with timed("db", "SELECT 1", system="postgresql"):
+    async with timed("db", lambda: "SELECT 1", system="postgresql"):  # text made lazily
         await raw.fetchval("SELECT 1")
     t1 = time.perf_counter()
     return JSONResponse({"db_ms": (t1 - t0) * 1000})
@@ -86,6 +86,8 @@ async def gate(request: Request) -> Response:
     t0 = time.perf_counter()
     async with timed("pool"):
         await request.app.state.gate.acquire()
+        async with timed("db"):  # the checkout's own work (a new connection's setup)
+            await asyncio.sleep(0.002)
     t1 = time.perf_counter()
     try:
         async with timed("db"):

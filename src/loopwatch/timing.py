@@ -81,7 +81,7 @@ class Timed:
     def __init__(
         self,
         kind: Kind = "db",
-        query: str | None = None,
+        query: str | Callable[[], str | None] | None = None,
         *,
         operation: str | None = None,
         system: str | None = None,
@@ -90,8 +90,11 @@ class Timed:
     ) -> None:
         if kind not in ("db", "pool"):
             raise ValueError(f"timed() kind must be 'db' or 'pool', not {kind!r}.")
-        if query is not None and not isinstance(query, str):
-            raise TypeError(f"timed() query must be a string or None, not {type(query).__name__}.")
+        if query is not None and not isinstance(query, str) and not callable(query):
+            raise TypeError(
+                f"timed() query must be a string, a callable returning one, or None, "
+                f"not {type(query).__name__}."
+            )
         self.kind: Kind = kind
         self.query = query
         self.operation = operation
@@ -124,12 +127,15 @@ class Timed:
         if trace is None or not trace.open:
             self._trace = _OFF
             return self
-        self._trace = trace
-        self.running = True
         outer = scope.get()
         if outer is None or not outer.running or outer._trace is not trace:
             self.outermost = True
             self._token = scope.set(self)
+        elif outer.kind == "pool":  # a checkout's own work (a new connection's setup)
+            self._trace = _OFF
+            return self
+        self._trace = trace
+        self.running = True
         self.queries = trace.queries
         self._step = trace.step_w0
         self._t0 = perf_counter_ns()
@@ -164,12 +170,7 @@ class Timed:
             if self.outermost and self.statement:
                 trace.statements += 1
         spans = trace.otel
-        if (
-            spans is not None
-            and self.span
-            and self.outermost
-            and (suspended or self.kind == "db")
-        ):
+        if spans is not None and self.span and self.outermost and (suspended or self.kind == "db"):
             try:
                 spans.timed_span(self, t0, t1, error)
             except Exception as exc:  # never the app's failure
@@ -227,7 +228,7 @@ class Timed:
 
 def timed(
     kind: Kind = "db",
-    query: str | None = None,
+    query: str | Callable[[], str | None] | None = None,
     *,
     operation: str | None = None,
     system: str | None = None,
@@ -236,17 +237,21 @@ def timed(
 ) -> Timed:
     """Time an awaited call into the current request's record.
 
-    ``kind``: ``"db"`` (``db_ms``, one query and one statement) or ``"pool"``
-    (``pool_wait_ms``). ``query``: the statement's text, for its OpenTelemetry client
-    span (``db.query.text``, sanitized by default; a text that is not SQL is put on the
-    span only with ``query_text="raw"``); ``operation``: ``db.operation.name`` when the
-    text does not tell it; ``system``: ``db.system.name``; ``attributes``: more span
-    attributes (``server.address``, ``db.namespace``, ...); ``statement=False``: a
-    round trip that is not a statement of the app's (``BEGIN``/``COMMIT``, a cursor's
-    next batch), counted in ``db_queries`` only.
+    - ``kind``: ``"db"`` (``db_ms``, one query and one statement) or ``"pool"``
+      (``pool_wait_ms``).
+    - ``query``: the statement's text for its OpenTelemetry client span
+      (``db.query.text``, sanitized by default; a text that is not SQL goes on the span
+      only with ``query_text="raw"``), or a callable returning it, called only when a
+      span is made (for a text that costs something to build).
+    - ``operation``: ``db.operation.name`` when the text does not tell it; ``system``:
+      ``db.system.name``; ``attributes``: more span attributes (``server.address``,
+      ``db.namespace``, ...).
+    - ``statement=False``: a round trip that is not a statement of the app's
+      (``BEGIN``/``COMMIT``, a cursor's next batch), counted in ``db_queries`` only.
 
-    Raises ``ValueError`` for another kind and ``TypeError`` for a query that is not a
-    string. Use it as ``async with``/``with`` block, decorator or ``start()``/``stop()``.
+    Raises ``ValueError`` for another kind and ``TypeError`` for a query that is neither
+    a string nor a callable. Use it as an ``async with``/``with`` block, a decorator or
+    ``start()``/``stop()``.
     """
     return Timed(
         kind,

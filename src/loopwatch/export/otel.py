@@ -255,6 +255,8 @@ class RequestSpans:
             kind = SpanKind.INTERNAL
         else:
             text, operation = block.query, block.operation
+            if callable(text):
+                text = text()
             if text is not None:
                 mode = self.owner.query_text
                 sql = system is None or system in _SQL_SYSTEMS
