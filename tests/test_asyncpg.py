@@ -1257,7 +1257,7 @@ def test_a_later_event_loop_is_watched_not_taken_for_a_stalled_one(pg_dsn: str) 
     assert_db_time(rec, 300)
 
 
-def test_a_pool_made_from_keywords_is_named_by_them() -> None:
+async def test_a_pool_made_from_keywords_is_named_by_them() -> None:
     # Tortoise passes host, port and database as keywords, not as a DSN.
     pool = create_pool(host="db.internal", port=6432, database="shop", user="u", password="pw")
     assert pool.loopwatch_name == "db.internal:6432/shop"

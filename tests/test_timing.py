@@ -77,10 +77,69 @@ def test_timed_blocks_match_what_the_endpoint_measured(
     assert fails == {"error": "UndefinedTableError"}  # the app's exception, unchanged
     assert records["/fails"]["db_statements"] == 1
 
+    # A block that never suspended went nowhere (a cache hit): it records nothing.
     rec = records["/cached"]
-    assert cached["statements"] == rec["db_statements"] == 1
-    assert rec["db_ms"] == 0.0  # it never suspended: no wait to record
+    assert cached["statements"] == 0
+    assert (rec["db_ms"], rec["db_queries"], rec["db_statements"]) == (0.0, 0, 0)
     assert not [s for s in rec["segments"] if s[0] == "db"]
+
+
+async def _at_once(url: str, paths: list[str]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await asyncio.gather(*(client.get(f"{url}{p}") for p in paths))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_concurrent_shared_threaded_and_enclosing_blocks(
+    pg_dsn: str, record_file: Path, loop: str
+) -> None:
+    env = {"LOOPWATCH_FILE": str(record_file), "LOOPWATCH_TEST_DSN": pg_dsn}
+    with serve("tests.timing_app:app", env, loop=loop) as server:
+        concurrent = _get(f"{server.url}/concurrent")
+        shared = asyncio.run(_at_once(server.url, [f"/shared/{i}" for i in range(4)]))
+        threaded = _get(f"{server.url}/threaded?ms=50")
+        # The pool of 2, held 100 ms by each of 3 units of work: the third waits.
+        units = asyncio.run(_at_once(server.url, [f"/unit/{i}" for i in range(3)]))
+        records = requests_by_path(record_file, 9)
+
+    # Blocks at once in one request each count (they overlap: db_ms is their union).
+    rec = records["/concurrent"]
+    assert (
+        (rec["db_queries"], rec["db_statements"])
+        == (3, 3)
+        == (
+            concurrent["queries"],
+            concurrent["statements"],
+        )
+    )
+    assert 20 - 1 <= rec["db_ms"] < 60 - 1, rec
+
+    # One object entered by four requests at once: each request times its own entry,
+    # and the app is unaffected.
+    assert [r.status_code for r in shared] == [200] * 4
+    for i in range(4):
+        rec = records[f"/shared/{i}"]
+        assert (rec["db_queries"], rec["db_statements"]) == (1, 1), rec
+        assert rec["db_ms"] >= 50 - 1, rec
+
+    # In a sync endpoint's thread the request awaits the thread: the blocking call
+    # inside the block is database time.
+    rec = records["/threaded"]
+    assert rec["db_ms"] >= 50 - 1, rec
+    assert rec["db_ms"] <= threaded["db_ms"] + 1, rec
+    assert (rec["db_queries"], rec["db_statements"]) == (1, 1)
+
+    # A db block around a checkout: the wait for the connection is pool wait, taken out
+    # of the block's db time; the query below is the block's round trip.
+    assert all(r.status_code == 200 for r in units)
+    for truth in (r.json() for r in units):
+        rec = records[f"/unit/{truth['n']}"]
+        assert rec["pool_wait_ms"] <= truth["pool_ms"] + 1, (truth, rec)
+        assert rec["pool_wait_ms"] + rec["loop_wait_ms"] >= truth["pool_ms"] - 3, (truth, rec)
+        assert rec["db_ms"] + rec["pool_wait_ms"] <= truth["pool_ms"] + truth["db_ms"] + 1
+        assert rec["db_ms"] >= 100 - 1, rec
+        assert (rec["db_queries"], rec["db_statements"]) == (1, 1), rec
+    assert max(r.json()["pool_ms"] for r in units) >= 90  # one of them did wait
 
 
 def test_timed_blocks_make_client_spans(pg_dsn: str, record_file: Path) -> None:

@@ -121,10 +121,55 @@ async def fails(request: Request) -> Response:
 
 
 async def cached(request: Request) -> Response:
-    """A block that never suspends (a cache hit): no interval, still a statement."""
+    """A block that never suspends (a cache hit): nothing went to the server."""
     async with timed("db", "GET cached", system="redis"):
         pass
+    return JSONResponse({"statements": 0})
+
+
+async def _call() -> None:
+    async with timed("db", "GET", system="redis"):
+        await asyncio.sleep(0.02)
+
+
+async def concurrent(request: Request) -> Response:
+    """Three blocks at once in one request: three queries, three statements."""
+    await asyncio.gather(_call(), _call(), _call())
+    return JSONResponse({"statements": 3, "queries": 3})
+
+
+SHARED = timed("db", "GET shared", system="redis")  # one object, made at import
+
+
+async def shared(request: Request) -> Response:
+    """A block object shared by every request, entered by several at once."""
+    ms = float(request.query_params.get("ms", "50"))
+    async with SHARED:
+        await asyncio.sleep(ms / 1000)
     return JSONResponse({"statements": 1})
+
+
+def threaded(request: Request) -> Response:
+    """A sync endpoint (run in a thread by Starlette): its blocking call is awaited."""
+    ms = float(request.query_params.get("ms", "50"))
+    t0 = time.perf_counter()
+    with timed("db", "SELECT pg_sleep(?)", system="postgresql"):
+        time.sleep(ms / 1000)
+    return JSONResponse({"db_ms": (time.perf_counter() - t0) * 1000})
+
+
+async def unit_of_work(request: Request) -> Response:
+    """A db block around a checkout and a query: the checkout's wait is pool wait."""
+    ms = float(request.query_params.get("ms", "100"))
+    pool = request.app.state.pool
+    t0 = time.perf_counter()
+    async with timed("db", "unit of work"), pool.acquire() as conn:
+        t1 = time.perf_counter()
+        await conn.fetchval("SELECT pg_sleep($1)", ms / 1000)
+    t2 = time.perf_counter()
+    return JSONResponse(
+        {"n": request.path_params["n"], "pool_ms": (t1 - t0) * 1000, "db_ms": (t2 - t1) * 1000}
+    )
 
 
 async def spans(request: Request) -> Response:
@@ -154,6 +199,10 @@ app = Starlette(
         Route("/nested", nested),
         Route("/fails", fails),
         Route("/cached", cached),
+        Route("/concurrent", concurrent),
+        Route("/shared/{n}", shared),
+        Route("/threaded", threaded),
+        Route("/unit/{n}", unit_of_work),
         Route("/spans", spans),
     ],
     lifespan=lifespan,

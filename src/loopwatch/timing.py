@@ -31,15 +31,18 @@ does can fail the code it wraps.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
+from threading import get_ident
 from time import perf_counter_ns
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from . import _failures
+from ._capture.process import state
 from ._capture.trace import Trace, current
 
 Kind = Literal["db", "pool"]
@@ -58,12 +61,18 @@ class Timed:
     functions, or :meth:`start`/:meth:`stop` called by hand (from event hooks that see
     the start and the end of a call separately, as SQLAlchemy's do).
 
-    An object times one block at a time; the decorator makes a fresh one per call.
+    As a context manager one object may be entered by several requests at once (one
+    made at import time and shared): each entry is timed on its own. ``start()`` times
+    one block at a time.
     """
 
     __slots__ = (
+        "_holes",
+        "_outer",
+        "_runs",
         "_step",
         "_t0",
+        "_thread",
         "_token",
         "_trace",
         "attributes",
@@ -72,6 +81,7 @@ class Timed:
         "outermost",
         "queries",
         "query",
+        "round_trips",
         "running",
         "span",
         "statement",
@@ -105,17 +115,27 @@ class Timed:
         # A "db" block is one of the app's statements; False for a round trip that is not
         # (transaction control, a cursor's next batch): counted in db_queries only.
         self.statement = statement
+        # Round trips the block made when no instrumented driver below counted them. None:
+        # one if it waited, and none if it never suspended (a cache hit: then the block
+        # records nothing). Set it before stop() when the code inside knows: psycopg sets
+        # 2 for a BEGIN sent first, 0 for a statement queued in a pipeline (it counts).
+        self.round_trips: int | None = None
         # Set False before stop() for no span (another instrumentation made this one's).
         self.span = True
-        self.outermost = False  # whether it opened the scope (counts, and makes the span)
+        self.outermost = False  # no running block of its request around it in its context
         # Started in a request and not stopped. A block left running (its stop() never
         # called: an ORM's hook that did not fire) scopes nothing once it is stopped or
-        # its request is over.
+        # in another request.
         self.running = False
-        # Round trips counted by the driver inside the block (set by stop()).
+        # Round trips counted below the block by instrumented drivers and blocks; after
+        # stop(), those the block counted.
         self.queries = 0
         self._trace: Trace | bool | None = _IDLE
         self._token: Token[Timed | None] | None = None
+        self._outer: Timed | None = None  # the running db block it is inside of
+        self._holes: list[int] | None = None  # pool waits inside a db block: not db time
+        self._runs: dict[object, list[Timed]] | None = None  # more entries at once
+        self._thread = False  # started off the event loop's thread (a sync endpoint's)
         self._step = 0
         self._t0 = 0
 
@@ -128,22 +148,32 @@ class Timed:
             self._trace = _OFF
             return self
         outer = scope.get()
-        if outer is None or not outer.running or outer._trace is not trace:
-            self.outermost = True
-            self._token = scope.set(self)
-        elif outer.kind == "pool":  # a checkout's own work (a new connection's setup)
-            self._trace = _OFF
+        if outer is not None and not outer.scopes(trace):
+            outer = None  # left running, or another request's
+        if outer is not None and outer.kind == "pool":
+            self._trace = _OFF  # a checkout's own work (a new connection's setup)
             return self
+        self.outermost = outer is None
+        self._outer = outer
+        if outer is None or self.kind == "pool":  # nothing below a checkout records
+            self._token = scope.set(self)
         self._trace = trace
         self.running = True
-        self.queries = trace.queries
+        self.queries = 0
+        # Off the loop's thread (a thread of a sync endpoint, or to_thread) the request
+        # awaits the thread: the whole block is a wait, suspension tells nothing.
+        self._thread = get_ident() != state.loop_thread
         self._step = trace.step_w0
         self._t0 = perf_counter_ns()
         return self
 
     def stop(self, error: BaseException | None = None) -> None:
         """End the block (``error``: what it raised, for its span). A block never started,
-        or already stopped, is left as it is."""
+        or already stopped, is left as it is.
+
+        A block that never suspended the request, below which nothing went to the server
+        and whose ``round_trips`` was not set (a cache hit) records nothing: no interval,
+        no query, no statement, no span."""
         trace = self._trace
         self._trace = _IDLE
         self.running = False
@@ -156,28 +186,82 @@ class Timed:
                 scope.reset(token)
             except ValueError:  # stopped from another context than it started in
                 scope.set(None)
+        outer, self._outer = self._outer, None
+        holes, self._holes = self._holes, None
         assert isinstance(trace, Trace)
-        if not trace.open:
+        below = self.queries
+        declared = self.round_trips
+        suspended = self._thread or trace.step_w0 != self._step
+        if not trace.open or not (suspended or below or declared is not None):
             return
         t0 = self._t0
-        suspended = trace.step_w0 != self._step
-        if suspended:
-            trace.add(trace.db if self.kind == "db" else trace.pool, t0, t1)
-        self.queries = trace.queries - self.queries
-        if self.kind == "db":
-            if not self.queries:  # no driver below counted the round trip: this is one
-                trace.queries += 1
+        if self.kind == "pool":
+            if suspended:
+                trace.add(trace.pool, t0, t1)
+                if outer is not None:  # a wait for a connection is not the db block's
+                    outer.hole(t0, t1)
+        else:
+            if suspended:
+                _add_db(trace, t0, t1, holes)
+            if not below:  # no driver below counted them: the block's own round trips
+                self.queries = 1 if declared is None else declared
+                trace.queries += self.queries
             if self.outermost and self.statement:
                 trace.statements += 1
+            if outer is not None:
+                outer.queries += self.queries
         spans = trace.otel
-        if spans is not None and self.span and self.outermost and (suspended or self.kind == "db"):
+        if spans is not None and self.span and self.outermost:
             try:
                 spans.timed_span(self, t0, t1, error)
             except Exception as exc:  # never the app's failure
                 _failures.failed("making a timed() block's span", exc)
 
+    def scopes(self, trace: Trace) -> bool:
+        """Whether this block, found in the scope, is running in ``trace``'s request."""
+        return self.running and self._trace is trace
+
+    def hole(self, start: int, end: int) -> None:
+        """A wait for a connection inside this db block (``perf_counter_ns``): pool wait,
+        left out of the block's db time."""
+        holes = self._holes
+        if holes is None:
+            holes = self._holes = []
+        holes.append(start)
+        holes.append(end)
+
+    def _enter(self) -> Timed:
+        if self._trace is _IDLE:
+            return self.start()
+        # Entered again before its exit (shared between requests): a block of its own.
+        run = Timed(
+            self.kind,
+            self.query,
+            operation=self.operation,
+            system=self.system,
+            attributes=self.attributes,
+            statement=self.statement,
+        )
+        runs = self._runs
+        if runs is None:
+            runs = self._runs = {}
+        runs.setdefault(_who(), []).append(run)
+        return run.start()
+
+    def _exit(self, exc: BaseException | None) -> None:
+        runs = self._runs
+        if runs:
+            mine = runs.get(_who())
+            if mine:
+                run = mine.pop()
+                if not mine:
+                    del runs[_who()]
+                run.stop(exc)
+                return
+        self.stop(exc)
+
     async def __aenter__(self) -> Timed:
-        return self.start()
+        return self._enter()
 
     async def __aexit__(
         self,
@@ -185,10 +269,10 @@ class Timed:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop(exc)
+        self._exit(exc)
 
     def __enter__(self) -> Timed:
-        return self.start()
+        return self._enter()
 
     def __exit__(
         self,
@@ -196,7 +280,7 @@ class Timed:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop(exc)
+        self._exit(exc)
 
     def __call__(self, fn: F) -> F:
         """Decorate a coroutine function: each call is one timed block."""
@@ -224,6 +308,29 @@ class Timed:
 
     def __repr__(self) -> str:
         return f"<loopwatch.timed {self.kind} {self.query!r}>"
+
+
+def _add_db(trace: Trace, t0: int, t1: int, holes: list[int] | None) -> None:
+    """The db interval ``t0``-``t1`` less the pool waits inside it."""
+    if holes is None:
+        trace.add(trace.db, t0, t1)
+        return
+    for h0, h1 in sorted(zip(holes[::2], holes[1::2], strict=True)):
+        if h0 > t0:
+            trace.add(trace.db, t0, min(h0, t1))
+        t0 = max(t0, h1)
+        if t0 >= t1:
+            return
+    trace.add(trace.db, t0, t1)
+
+
+def _who() -> object:
+    """Who entered a shared block: the task, or the thread outside a loop."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return task if task is not None else get_ident()
 
 
 def timed(

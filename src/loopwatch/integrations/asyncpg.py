@@ -69,11 +69,14 @@ async def _timed(
         return await awaitable
     spans = trace.otel
     outer = scope.get()
-    if outer is not None and outer.running and outer._trace is trace:
-        if outer.kind == "pool":
+    if outer is not None:
+        if not outer.scopes(trace):
+            outer = None
+        elif outer.kind == "pool":
             return await awaitable
-        spans = None
-        statement = False
+        else:
+            spans = None
+            statement = False
     step = trace.step_w0
     if spans is None:
         t0 = perf_counter_ns()
@@ -84,7 +87,7 @@ async def _timed(
                 count = _NEVER
             raise
         finally:
-            _account(trace, step, t0, pool, count, statement)
+            _account(trace, step, t0, pool, count, statement, outer)
     # With spans (inline rather than a second coroutine: this is every query's path).
     text, operation, connection = (
         proxy._lw_describe(call, args) if proxy is not None else (None, None, None)
@@ -116,20 +119,31 @@ def _unsent(exc: BaseException) -> bool:
 
 
 def _account(
-    trace: Any, step: int, t0: int, pool: bool, count: int, statement: bool = False
+    trace: Any,
+    step: int,
+    t0: int,
+    pool: bool,
+    count: int,
+    statement: bool = False,
+    outer: Any = None,
 ) -> tuple[bool, int]:
-    """Record an awaited call that began at ``t0`` in step ``step``; returns whether it
-    was suspended, and when it ended."""
+    """Record an awaited call that began at ``t0`` in step ``step``, inside the timed
+    ``"db"`` block ``outer`` if not None; returns whether it was suspended, and when it
+    ended."""
     t1 = perf_counter_ns()
     suspended = False
     if trace.open:
         suspended = trace.step_w0 != step
         if suspended:
             trace.add(trace.pool if pool else trace.db, t0, t1)
+            if pool and outer is not None:
+                outer.hole(t0, t1)  # the block's wait for a connection is not db time
         if count == _ALWAYS or (count == _IF_SUSPENDED and suspended):
             trace.queries += 1
             if statement:
                 trace.statements += 1
+            elif outer is not None:
+                outer.queries += 1  # its round trips: the block is not one more
     return suspended, t1
 
 
@@ -327,7 +341,7 @@ class InstrumentedCursorFactory(_CursorProxy):
     def __aiter__(self) -> InstrumentedCursorIterator:
         trace = current.get()  # the statement; its batches are queries only
         outer = scope.get()
-        if trace is not None and trace.open and not (outer and outer.running):
+        if trace is not None and trace.open and not (outer and outer.scopes(trace)):
             trace.statements += 1
         return InstrumentedCursorIterator(self._lw_inner.__aiter__(), self._lw_con, self._lw_text)
 

@@ -111,16 +111,26 @@ def _timed(
     block = _start(connection, query, operation, statement)
     if block is None:
         return (yield from awaitable.__await__())
-    begins = statement and _begins(connection)
+    # Declared, not inferred from a wait: psycopg may find a reply ready without letting
+    # the loop run. Queued in a pipeline, the round trip is the pipeline's end (timed
+    # there); a BEGIN sent first is one more.
+    if _pipelined(connection):
+        block.round_trips = 0
+    else:
+        block.round_trips = 2 if statement and _begins(connection) else 1
     try:
         result = yield from awaitable.__await__()
     except StopAsyncIteration:  # a stream without a row: no error
-        _end(block, begins)
+        block.stop()
         raise
     except BaseException as exc:
-        _end(block, begins, exc)
+        if isinstance(exc, psycopg.Error) and exc.sqlstate is None and not exc.diag.sqlstate:
+            # Refused before it was sent (the wrong number of parameters), or the
+            # connection failed: a round trip only if it waited.
+            block.round_trips = None
+        block.stop(exc)
         raise
-    _end(block, begins)
+    block.stop()
     return result
 
 
@@ -182,14 +192,12 @@ def _start(connection: Any, query: object, operation: str | None, statement: boo
     return block
 
 
-def _end(block: Timed, begins: bool, error: BaseException | None = None) -> None:
-    """Stop a statement's block; ``begins``: psycopg sent a BEGIN first, one more round
-    trip, counted as a driver below a block counts: one block for each of the two (a
-    block inside which nothing was counted is one query)."""
-    if begins:
-        Timed("db", statement=False).start().stop()
-        Timed("db", statement=False).start().stop()
-    block.stop(error)
+def _pipelined(connection: Any) -> bool:
+    """Whether the connection is in pipeline mode (execute() queues, sends nothing)."""
+    try:
+        return bool(connection.info.pipeline_status)
+    except Exception:  # a closed connection: psycopg raises its own error next
+        return False
 
 
 def _begins(connection: Any) -> bool:

@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the missing-extra 
         "pip install 'loopwatch[sqlalchemy]'"
     ) from exc
 
-from ..timing import Timed
+from ..timing import Timed, scope
 
 # SQLAlchemy's dialect names as OpenTelemetry's db.system.name.
 _SYSTEMS = {
@@ -130,14 +130,32 @@ def _listen(sync_engine: Engine) -> None:
     def before(
         conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any, many: bool
     ) -> None:
-        if context is not None:
-            text = statement if isinstance(statement, str) else None
-            block = Timed("db", text, system=system, attributes=attributes)
-            setattr(context, _BLOCK, block.start())
+        if context is None:
+            return
+        mine = getattr(context, _BLOCK, None)
+        if mine is not None and mine.running:
+            return  # listening twice: an engine of execution_options() fires its parent's too
+        outer = scope.get()
+        if isinstance(outer, _Statement) and outer.running:
+            # A statement of this context whose end was never seen (a handle_error
+            # listener before loopwatch's raised; an error SQLAlchemy does not report):
+            # statements run one at a time in a context, so it is over.
+            outer.stop()
+        text = statement if isinstance(statement, str) else None
+        block = _Statement("db", text, system=system, attributes=attributes)
+        block.round_trips = 1  # executed, even if the driver found its reply waiting
+        setattr(context, _BLOCK, block.start())
 
     event.listen(sync_engine, "before_cursor_execute", before)
     event.listen(sync_engine, "after_cursor_execute", _after)
-    event.listen(sync_engine, "handle_error", _error)
+    # First: a listener of the app's that raises (to translate errors) ends the chain.
+    event.listen(sync_engine, "handle_error", _error, insert=True)
+
+
+class _Statement(Timed):
+    """A block this module started in ``before_cursor_execute``."""
+
+    __slots__ = ()
 
 
 def _after(
