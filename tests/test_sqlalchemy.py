@@ -13,6 +13,7 @@ from typing import Any
 import fastapi
 import httpx
 import pytest
+import sqlalchemy
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
 
@@ -20,6 +21,7 @@ from loopwatch.integrations import sqlalchemy as lw_sqlalchemy
 
 from .conftest import serve
 from .helpers import Server, requests_by_path
+from .test_asyncpg import in_request
 
 LOOPS = ["asyncio", "uvloop"]
 # asyncpg and psycopg: connections through loopwatch's drivers (round trips counted);
@@ -274,3 +276,76 @@ def _url(dsn: str) -> str:
     return dsn.replace("postgresql://", "postgresql+asyncpg://", 1).replace(
         "postgres://", "postgresql+asyncpg://", 1
     )
+
+
+class DomainError(Exception):
+    """What an app's own handle_error listener turns database errors into."""
+
+
+async def test_a_statement_whose_end_was_not_seen_does_not_swallow_the_next(pg_dsn: str) -> None:
+    # An app's handle_error listener that raises (a documented SQLAlchemy pattern) ends
+    # the chain of listeners: loopwatch's, inserted first, still sees the error; and
+    # a statement whose end was never seen is over when the next one starts.
+    engine = create_async_engine(_url(pg_dsn))
+
+    @sqlalchemy.event.listens_for(engine.sync_engine, "handle_error")
+    def translate(context: Any) -> None:
+        raise DomainError("translated") from context.original_exception
+
+    lw_sqlalchemy.instrument(engine)
+
+    async def body() -> None:
+        async with engine.connect() as conn:
+            with pytest.raises(DomainError):
+                await conn.execute(sqlalchemy.text("SELECT 1/0"))
+            await conn.rollback()
+            for _ in range(3):
+                await conn.execute(sqlalchemy.text("SELECT pg_sleep(0.01)"))
+
+    rec = await in_request(body)
+    await engine.dispose()
+    assert rec.db_statements == 4, rec
+    assert rec.db_ms >= 30 - 1, rec
+
+
+async def test_an_engine_with_execution_options_counts_each_statement_once(pg_dsn: str) -> None:
+    # An engine from execution_options() fires its parent's listeners too: instrumenting
+    # both must not start two blocks per statement.
+    engine = lw_sqlalchemy.create_async_engine(_url(pg_dsn))
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    lw_sqlalchemy.instrument(autocommit)
+
+    async def body() -> None:
+        async with autocommit.connect() as conn:
+            for _ in range(3):
+                await conn.execute(sqlalchemy.text("SELECT pg_sleep(0.01)"))
+
+    rec = await in_request(body)
+    await engine.dispose()
+    assert rec.db_statements == 3, rec
+    assert rec.db_queries == 1 + 3, rec  # a prepare (then cached), 3 executes; no BEGIN
+
+
+async def test_a_bulk_insert_in_batches_is_a_statement_per_batch(pg_dsn: str) -> None:
+    # SQLAlchemy sends an INSERT ... RETURNING of many rows in batches of 1,000
+    # ("insertmanyvalues"): each batch is a statement sent (docs/integrations.md).
+    engine = lw_sqlalchemy.create_async_engine(_url(pg_dsn))
+    table = sqlalchemy.Table(
+        "lw_bulk",
+        sqlalchemy.MetaData(),
+        sqlalchemy.Column("id", sqlalchemy.Integer, primary_key=True),
+    )
+    async with engine.begin() as conn:
+        await conn.run_sync(table.metadata.create_all)
+
+    async def body() -> None:
+        async with engine.begin() as conn:
+            rows = [{"id": i} for i in range(2500)]
+            result = await conn.execute(sqlalchemy.insert(table).returning(table.c.id), rows)
+            assert len(result.all()) == 2500
+
+    rec = await in_request(body)
+    async with engine.begin() as conn:
+        await conn.run_sync(table.metadata.drop_all)
+    await engine.dispose()
+    assert rec.db_statements == 3, rec  # 3 batches of INSERT ... RETURNING
