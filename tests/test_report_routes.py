@@ -88,7 +88,7 @@ def test_json_rows_name_the_method_and_count_4xx_apart(tmp_path: Path) -> None:
     assert list(data["routes"][0]) == [
         "method", "route", "requests", "wall_p50_ms", "wall_p95_ms", "cpu_mean_ms",
         "db_mean_ms", "pool_wait_mean_ms", "loop_wait_mean_ms", "db_statements_mean",
-        "client_errors", "errors",
+        "db_queries_mean", "client_errors", "errors",
         "wall_total_ms",
     ]  # fmt: skip
 
@@ -163,3 +163,25 @@ def test_rows_past_the_limit_are_counted_together_last(
         ("GET /r0", 1, 0),
         ("(all other routes)", 5, 4),  # the most wall time, but no route's
     ]
+
+
+def test_statements_and_queries_per_request_once_recorded(tmp_path: Path) -> None:
+    # An ORM route: 3 statements of 2 round trips each; a route of one statement; an old
+    # line without db_statements does not count toward the statements' mean.
+    lines = [
+        replace(call("GET", ARTICLES, 0.0, 10.0), db_queries=6, db_statements=3),
+        replace(call("GET", ARTICLES, 0.1, 10.0), db_queries=8, db_statements=4),
+        replace(call("GET", ARTICLES, 0.2, 10.0), db_queries=9),
+        replace(call("GET", ARTICLE, 0.3, 30.0), db_queries=1, db_statements=1),
+    ]
+    report = report_of(record_file(tmp_path, lines))
+    out = render_routes(report, 120)
+    assert "(mean cpu, db, statements, queries, pool wait and loop wait per request)" in out
+    head, articles, article = out.splitlines()[1:4]
+    assert head.split()[6:8] == ["stmts", "queries"]
+    assert articles.split()[:2] == ["GET", "/articles"]
+    assert articles.split()[7:9] == ["3.5", "7.7"]  # (3 + 4) / 2; (6 + 8 + 9) / 3
+    assert article.split()[7:9] == ["1.0", "1.0"]
+    rows = {(r["method"], r["route"]): r for r in report.to_json()["routes"]}
+    assert rows[("GET", ARTICLES)]["db_statements_mean"] == 3.5
+    assert rows[("GET", ARTICLES)]["db_queries_mean"] == round(23 / 3, 3)

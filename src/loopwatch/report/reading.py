@@ -81,6 +81,7 @@ class RouteAcc:
     db: float = 0.0
     pool: float = 0.0
     loop: float = 0.0  # loop wait
+    queries: int = 0  # db_queries
     statements: int = 0  # db_statements, over the requests that have it
     statements_known: int = 0  # requests with db_statements (older files have none)
     errors: int = 0  # status 500 or more, or raised
@@ -301,6 +302,7 @@ def _read(
             acc.pool += pool
             acc.loop += loop
             acc.walls.append(wall)
+            acc.queries += d["db_queries"]
             statements = d.get("db_statements")
             if statements is not None:
                 acc.statements += statements

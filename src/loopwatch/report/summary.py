@@ -112,6 +112,7 @@ class RouteStats:
     client_errors: int = 0  # status 400 to 499
     # Mean db_statements per request, over the requests that recorded it (None: none did).
     statements_mean: float | None = None
+    queries_mean: float = 0.0  # mean db_queries (round trips) per request
 
     @property
     def label(self) -> str:
@@ -132,6 +133,7 @@ class RouteStats:
             "db_statements_mean": (
                 None if self.statements_mean is None else round(self.statements_mean, 3)
             ),
+            "db_queries_mean": round(self.queries_mean, 3),
             "client_errors": self.client_errors,
             "errors": self.errors,
             "wall_total_ms": round(self.wall_total, 3),
@@ -164,6 +166,7 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
             merged.db += a.db
             merged.pool += a.pool
             merged.loop += a.loop
+            merged.queries += a.queries
             merged.statements += a.statements
             merged.statements_known += a.statements_known
             merged.errors += a.errors
@@ -191,6 +194,7 @@ def _route_stats(a: RouteAcc, name: str, method: str | None = None) -> RouteStat
         pool_mean=a.pool / n,
         loop_mean=a.loop / n,
         statements_mean=a.statements / a.statements_known if a.statements_known else None,
+        queries_mean=a.queries / n,
         errors=a.errors,
         wall_total=a.wall,
     )
@@ -367,7 +371,8 @@ _ROUTE_COLUMNS: tuple[
     ("p95", lambda r: fmt_ms(r.wall_p95), 2),
     ("cpu", lambda r: fmt_ms(r.cpu_mean), 4),
     ("db", lambda r: fmt_ms(r.db_mean), 3),
-    ("stmts", lambda r: "-" if r.statements_mean is None else f"{r.statements_mean:.3g}", 8),
+    ("stmts", lambda r: "-" if r.statements_mean is None else f"{r.statements_mean:.1f}", 8),
+    ("queries", lambda r: f"{r.queries_mean:.1f}", 10),
     ("pool", lambda r: fmt_ms(r.pool_mean), 7),
     ("loop", lambda r: fmt_ms(r.loop_mean), 5),
     ("4xx", lambda r: f"{r.client_errors:,}", 9),
@@ -376,6 +381,7 @@ _ROUTE_COLUMNS: tuple[
 
 
 _STATEMENTS = [h for h, _, _ in _ROUTE_COLUMNS].index("stmts")
+_QUERIES = [h for h, _, _ in _ROUTE_COLUMNS].index("queries")
 
 
 def render_routes(s: Summary, width: int, color: bool) -> str:
@@ -388,7 +394,7 @@ def render_routes(s: Summary, width: int, color: bool) -> str:
     route_w = max(5, *(width_of(n) for n in names))
     keep = set(range(len(_ROUTE_COLUMNS)))
     if all(r.statements_mean is None for r in rows):  # a file from before they were counted
-        keep.discard(_STATEMENTS)
+        keep -= {_STATEMENTS, _QUERIES}  # (and its layout as it was)
     # Drop the least important columns until a route name of 12 columns fits.
     for i in sorted(keep, key=lambda i: -_ROUTE_COLUMNS[i][2]):
         if 2 + min(route_w, 12) + sum(widths[j] for j in keep) <= width or len(keep) == 1:
@@ -396,7 +402,12 @@ def render_routes(s: Summary, width: int, color: bool) -> str:
         keep.discard(i)
     shown = sorted(keep)
     route_w = max(1, min(route_w, width - 2 - sum(widths[i] for i in shown)))
-    means = "cpu, db, statements," if _STATEMENTS in keep else "cpu, db,"
+    means = ", ".join(
+        name
+        for i, name in ((_STATEMENTS, "statements"), (_QUERIES, "queries"))
+        if i in keep
+    )
+    means = f"cpu, db, {means}," if means else "cpu, db,"
     title = f"Routes, by total wall time (mean {means} pool wait and loop wait per request)"
     lines = [paint(line, "1", color) for line in wrap(title, width, "", "  ")]
     head = (
