@@ -403,9 +403,7 @@ def render_routes(s: Summary, width: int, color: bool) -> str:
     shown = sorted(keep)
     route_w = max(1, min(route_w, width - 2 - sum(widths[i] for i in shown)))
     means = ", ".join(
-        name
-        for i, name in ((_STATEMENTS, "statements"), (_QUERIES, "queries"))
-        if i in keep
+        name for i, name in ((_STATEMENTS, "statements"), (_QUERIES, "queries")) if i in keep
     )
     means = f"cpu, db, {means}," if means else "cpu, db,"
     title = f"Routes, by total wall time (mean {means} pool wait and loop wait per request)"
