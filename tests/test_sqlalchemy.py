@@ -349,3 +349,37 @@ async def test_a_bulk_insert_in_batches_is_a_statement_per_batch(pg_dsn: str) ->
         await conn.run_sync(table.metadata.drop_all)
     await engine.dispose()
     assert rec.db_statements == 3, rec  # 3 batches of INSERT ... RETURNING
+
+
+async def test_a_sync_engine_in_def_endpoints(pg_dsn: str) -> None:
+    # A def endpoint runs in a thread while its request awaits it: the statement and the
+    # wait for the pool's one connection, in that thread, are the request's waits.
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from loopwatch import LoopWatch
+    from loopwatch.record import RequestRecord
+
+    url = _url(pg_dsn).replace("+asyncpg", "+psycopg", 1)
+    engine = sqlalchemy.create_engine(url, pool_size=1, max_overflow=0)
+    lw_sqlalchemy.instrument(engine)
+
+    def endpoint(request: Request) -> Response:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_sleep(0.1)"))
+        return PlainTextResponse("ok")
+
+    records: list[RequestRecord] = []
+    app = LoopWatch(Starlette(routes=[Route("/q", endpoint)]), file=None, sinks=[records.append])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        responses = await asyncio.gather(c.get("/q"), c.get("/q"))
+    engine.dispose()
+    assert [r.status_code for r in responses] == [200, 200]
+    assert len(records) == 2
+    for rec in records:
+        assert rec.db_ms >= 100 - 1, rec
+        assert rec.db_statements == 1, rec
+    assert max(r.pool_wait_ms for r in records) >= 90, records  # the second one waited
