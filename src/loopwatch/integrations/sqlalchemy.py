@@ -8,8 +8,8 @@ Two lines::
 :func:`create_async_engine` takes what SQLAlchemy's takes and returns SQLAlchemy's own
 ``AsyncEngine``, with, per request:
 
-- every statement (``before_cursor_execute`` to ``after_cursor_execute``, SQLAlchemy's
-  public engine events) timed as one :func:`loopwatch.timed` ``"db"`` block: ``db_ms``,
+- every statement (the dialect's execution of it, run from SQLAlchemy's public
+  ``do_execute`` events) timed as one :func:`loopwatch.timed` ``"db"`` block: ``db_ms``,
   one ``db_statements`` each, and one OpenTelemetry client span each (none when
   OpenTelemetry's own SQLAlchemy instrumentation made one for it);
 - every pool checkout timed as a ``"pool"`` block: ``pool_wait_ms`` is the wait for a
@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the missing-extra 
         "pip install 'loopwatch[sqlalchemy]'"
     ) from exc
 
-from ..timing import Timed, scope
+from ..timing import Timed
 
 # SQLAlchemy's dialect names as OpenTelemetry's db.system.name.
 _SYSTEMS = {
@@ -59,7 +59,6 @@ _SYSTEMS = {
     "oracle": "oracle.db",
     "mssql": "microsoft.sql_server",
 }
-_BLOCK = "_loopwatch_block"  # the running statement's block, on its execution context
 
 
 def create_async_engine(url: Any, **kwargs: Any) -> AsyncEngine:
@@ -115,9 +114,16 @@ _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 def _listen(sync_engine: Engine) -> None:
     """Time each statement of ``sync_engine`` as a ``"db"`` block, with its target's
-    span attributes (read once, from the engine's URL)."""
+    span attributes (read once, from the engine's URL).
+
+    The block is the dialect's own execution of the statement, run from SQLAlchemy's
+    ``do_execute`` events (and their executemany and no-parameters forms): one call
+    holds the statement's start and end, even when it raises. Connection events
+    (``before_cursor_execute``) would turn SQLAlchemy's event dispatch on for every
+    statement, at about 10 µs each."""
     url = sync_engine.url
-    name = sync_engine.dialect.name
+    dialect = sync_engine.dialect
+    name = dialect.name
     system = _SYSTEMS.get(name, name)
     attributes: dict[str, Any] = {"db.system.name": system}
     if url.database:
@@ -127,59 +133,59 @@ def _listen(sync_engine: Engine) -> None:
     if url.port:
         attributes["server.port"] = url.port
 
-    def before(
-        conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any, many: bool
-    ) -> None:
-        if context is None:
-            return
-        mine = getattr(context, _BLOCK, None)
-        if mine is not None and mine.running:
-            return  # listening twice: an engine of execution_options() fires its parent's too
-        outer = scope.get()
-        if isinstance(outer, _Statement) and outer.running:
-            # A statement of this context whose end was never seen (a handle_error
-            # listener before loopwatch's raised; an error SQLAlchemy does not report):
-            # statements run one at a time in a context, so it is over.
-            outer.stop()
+    def block(statement: Any) -> _Statement:
         text = statement if isinstance(statement, str) else None
-        block = _Statement("db", text, system=system, attributes=attributes)
-        block.round_trips = 1  # executed, even if the driver found its reply waiting
-        setattr(context, _BLOCK, block.start())
+        timed = _Statement("db", text, system=system, attributes=attributes)
+        timed.round_trips = 1  # executed, even if the driver found its reply waiting
+        return timed
 
-    event.listen(sync_engine, "before_cursor_execute", before)
-    event.listen(sync_engine, "after_cursor_execute", _after)
-    # First: a listener of the app's that raises (to translate errors) ends the chain.
-    event.listen(sync_engine, "handle_error", _error, insert=True)
+    def do_execute(cursor: Any, statement: Any, parameters: Any, context: Any) -> bool:
+        timed = block(statement).start()
+        try:
+            dialect.do_execute(cursor, statement, parameters, context)
+        except BaseException as exc:
+            _stop(timed, context, exc)
+            raise
+        _stop(timed, context, None)
+        return True
+
+    def do_executemany(cursor: Any, statement: Any, parameters: Any, context: Any) -> bool:
+        timed = block(statement).start()
+        try:
+            dialect.do_executemany(cursor, statement, parameters, context)
+        except BaseException as exc:
+            _stop(timed, context, exc)
+            raise
+        _stop(timed, context, None)
+        return True
+
+    def do_execute_no_params(cursor: Any, statement: Any, context: Any) -> bool:
+        timed = block(statement).start()
+        try:
+            dialect.do_execute_no_params(cursor, statement, context)
+        except BaseException as exc:
+            _stop(timed, context, exc)
+            raise
+        _stop(timed, context, None)
+        return True
+
+    event.listen(sync_engine, "do_execute", do_execute)
+    event.listen(sync_engine, "do_executemany", do_executemany)
+    event.listen(sync_engine, "do_execute_no_params", do_execute_no_params)
+
+
+def _stop(timed: Timed, context: Any, error: BaseException | None) -> None:
+    # OpenTelemetry's SQLAlchemy instrumentation keeps its span for the statement on the
+    # execution context: one span per statement, then, and it is that one.
+    if getattr(context, "_otel_span", None) is not None:
+        timed.span = False
+    timed.stop(error)
 
 
 class _Statement(Timed):
-    """A block this module started in ``before_cursor_execute``."""
+    """A block this module started for a statement."""
 
     __slots__ = ()
-
-
-def _after(
-    conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any, many: bool
-) -> None:
-    _stop(context, None)
-
-
-def _error(exception_context: Any) -> None:
-    context = exception_context.execution_context
-    if context is not None:
-        error = exception_context.original_exception
-        _stop(context, error if isinstance(error, BaseException) else None)
-
-
-def _stop(context: Any, error: BaseException | None) -> None:
-    block = getattr(context, _BLOCK, None)
-    if block is not None:
-        setattr(context, _BLOCK, None)
-        # OpenTelemetry's SQLAlchemy instrumentation keeps its span for the statement on
-        # the context: one span per statement, then, and it is that one.
-        if getattr(context, "_otel_span", None) is not None:
-            block.span = False
-        block.stop(error)
 
 
 _classes: dict[type[Any], type[Any]] = {}
