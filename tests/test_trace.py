@@ -70,7 +70,7 @@ def test_db_and_pool_segments_add_up_to_their_totals() -> None:
     for _ in range(500):
         trace = _trace(100)
         now = 0
-        for _ in range(rng.randint(0, 8)):  # loop waits: disjoint, in time order
+        for _ in range(rng.randint(0, 30)):  # loop waits: disjoint, in time order
             now += rng.randint(0, 10 * MS)
             length = rng.choice([rng.randint(50_000, SEGMENT_NS - 1), rng.randint(0, 5 * MS)])
             trace.waited(now, now + length)
