@@ -21,6 +21,24 @@ BENCH_MODE=lw-mw      diagnostic: LoopWatch (record file written) over a plain a
 BENCH_MODE=lw-nofile-nocpu  diagnostic: lw-nofile with the wall clock standing in for the
                       thread CPU clock
 BENCH_DSN             the PostgreSQL to query; LOOPWATCH_FILE the record file
+
+BENCH_STACK picks the database stack /query goes through (default asyncpg); "bare" is the
+stack alone, "loopwatch" LoopWatch plus loopwatch's integration of that stack, "lw-mw"
+LoopWatch over the stack alone (the other modes are for asyncpg only):
+
+asyncpg     an asyncpg pool: bare asyncpg.create_pool, loopwatch loopwatch.create_pool
+sqlalchemy  SQLAlchemy's asyncio engine on asyncpg, a session per request, statements
+            through session.execute: bare sqlalchemy's create_async_engine, loopwatch
+            loopwatch.integrations.sqlalchemy's
+psycopg     psycopg_pool's AsyncConnectionPool, ``async with pool.connection()`` per
+            request, statements through conn.execute: bare psycopg_pool's class,
+            loopwatch loopwatch.integrations.psycopg's
+tortoise    Tortoise ORM's asyncpg engine, raw execute_query on connections.get("default")
+            (a pool checkout per statement, as Tortoise does outside a transaction): bare
+            Tortoise's engine, loopwatch loopwatch.integrations.tortoise's
+
+Every pool holds 4 connections. /query runs one ``SELECT 1``; /query?n=N runs N, one
+after the other, in one checkout (Tortoise: N checkouts) and one session.
 """
 
 from __future__ import annotations
@@ -41,6 +59,14 @@ import loopwatch
 
 MODE = os.environ.get("BENCH_MODE", "bare")
 DSN = os.environ["BENCH_DSN"]
+STACK = os.environ.get("BENCH_STACK", "asyncpg")
+STACKS = ("asyncpg", "sqlalchemy", "psycopg", "tortoise")
+# Modes that use loopwatch's integration of the stack (the others use the stack alone).
+INSTRUMENTED = MODE not in ("bare", "lw-mw", "otel-contrib", "sdk-floor")
+if STACK not in STACKS:
+    raise SystemExit(f"BENCH_STACK={STACK}: not one of {', '.join(STACKS)}")
+if STACK != "asyncpg" and MODE not in ("bare", "loopwatch", "lw-mw", "lw-nofile"):
+    raise SystemExit(f"BENCH_MODE={MODE} is for BENCH_STACK=asyncpg only")
 
 if MODE in ("otel-contrib", "loopwatch-spans", "lw-spans-nofile", "sdk-floor"):
     import otel_setup
@@ -52,8 +78,17 @@ if MODE == "otel-contrib":
     AsyncPGInstrumentor().instrument()
 
 
+def statements(request: Request) -> int:
+    """N of /query?n=N, else 1."""
+    qs: bytes = request.scope["query_string"]
+    return int(qs[2:]) if qs[:2] == b"n=" else 1
+
+
+# asyncpg
+
+
 def make_pool() -> Any:
-    if MODE in ("bare", "lw-mw", "otel-contrib", "sdk-floor"):
+    if not INSTRUMENTED:
         return asyncpg.create_pool(DSN, min_size=4, max_size=4)
     return loopwatch.create_pool(DSN, min_size=4, max_size=4)
 
@@ -70,14 +105,111 @@ async def trivial(request: Request) -> Response:
 
 
 async def query(request: Request) -> Response:
+    n = statements(request)
     async with request.app.state.pool.acquire() as conn:
         if MODE == "sdk-floor":
-            span = _floor_tracer.start_span("SELECT", kind=SpanKind.CLIENT)
-            value = await conn.fetchval("SELECT 1")
-            span.end()
+            for _ in range(n):
+                span = _floor_tracer.start_span("SELECT", kind=SpanKind.CLIENT)
+                value = await conn.fetchval("SELECT 1")
+                span.end()
         else:
-            value = await conn.fetchval("SELECT 1")
+            for _ in range(n):
+                value = await conn.fetchval("SELECT 1")
     return PlainTextResponse(str(value))
+
+
+if STACK == "sqlalchemy":
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    if INSTRUMENTED:
+        from loopwatch.integrations.sqlalchemy import create_async_engine
+    else:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+    SELECT_1 = text("SELECT 1")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        rest = DSN.partition("://")[2]
+        engine = create_async_engine(f"postgresql+asyncpg://{rest}", pool_size=4, max_overflow=0)
+        app.state.session = async_sessionmaker(engine)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    async def query(request: Request) -> Response:
+        n = statements(request)
+        async with request.app.state.session() as session:
+            for _ in range(n):
+                value = (await session.execute(SELECT_1)).scalar_one()
+        return PlainTextResponse(str(value))
+
+
+if STACK == "psycopg":
+    if INSTRUMENTED:
+        from loopwatch.integrations.psycopg import AsyncConnectionPool
+    else:
+        from psycopg_pool import AsyncConnectionPool
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = AsyncConnectionPool(DSN, min_size=4, max_size=4, open=False)
+        await pool.open(wait=True)
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    async def query(request: Request) -> Response:
+        n = statements(request)
+        async with request.app.state.pool.connection() as conn:
+            for _ in range(n):
+                cursor = await conn.execute("SELECT 1")
+                value = (await cursor.fetchone())[0]
+        return PlainTextResponse(str(value))
+
+
+if STACK == "tortoise":
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    from tortoise import Tortoise, fields
+    from tortoise.backends.base.config_generator import generate_config
+    from tortoise.connection import connections
+    from tortoise.models import Model
+
+    if INSTRUMENTED:
+        from loopwatch.integrations.tortoise import config as tortoise_config
+    else:
+        tortoise_config = generate_config
+
+    class BenchRow(Model):  # Tortoise wants a model; the benchmark queries none
+        id = fields.IntField(primary_key=True)
+
+        class Meta:
+            table = "bench_row"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        url = urlsplit(DSN)
+        query = urlencode([*parse_qsl(url.query), ("minsize", "4"), ("maxsize", "4")])
+        config = tortoise_config(urlunsplit(url._replace(query=query)), {"models": [__name__]})
+        # The lifespan runs in another task than the requests: Tortoise's global context.
+        await Tortoise.init(config=config, _enable_global_fallback=True)
+        try:
+            await connections.get("default").execute_query("SELECT 1")  # the pool, now
+            yield
+        finally:
+            await Tortoise.close_connections()
+
+    async def query(request: Request) -> Response:
+        n = statements(request)
+        client = connections.get("default")
+        for _ in range(n):
+            _, rows = await client.execute_query("SELECT 1")
+        return PlainTextResponse(str(rows[0][0]))
 
 
 if MODE == "sdk-floor":
@@ -203,3 +335,24 @@ if "gap" in _ablate:
     import loopwatch._capture.loop
 
     loopwatch._capture.loop.LoopMonitor.gap = lambda self, w0, c0: None  # type: ignore[method-assign]
+
+# Issue 12's SQLAlchemy integration, a part at a time (BENCH_STACK=sqlalchemy, loopwatch):
+# "sa-noswap" connections through plain asyncpg (no round trips timed by loopwatch's
+# asyncpg proxy), "sa-noevents" no engine listeners (no statement blocks), "sa-noop" the
+# same listeners doing nothing (SQLAlchemy's event dispatch alone).
+if STACK == "sqlalchemy" and "sa-" in _ablate:
+    from sqlalchemy import event as _sa_event
+
+    import loopwatch.integrations.sqlalchemy as _lw_sqlalchemy
+
+    if "sa-noswap" in _ablate:
+        _lw_sqlalchemy._driver_connect = lambda driver: None  # type: ignore[assignment]
+    if "sa-noevents" in _ablate:
+        _lw_sqlalchemy._listen = lambda engine: None  # type: ignore[assignment]
+    if "sa-noop" in _ablate:
+
+        def _noop_listen(engine: Any) -> None:
+            for name in ("before_cursor_execute", "after_cursor_execute", "handle_error"):
+                _sa_event.listen(engine, name, lambda *args: None)
+
+        _lw_sqlalchemy._listen = _noop_listen  # type: ignore[assignment]

@@ -18,6 +18,13 @@ that under callgrind's slowdown the same branches run as in a real server: no st
 the same with the loopwatch package from SRC (an earlier commit's worktree). A
 PYTHONPATH set outside comes after SRC: point it at another worktree's src to measure a
 commit rather than a working tree that is being edited.
+
+``--stacks`` and ``--statements`` are overhead.py's (BENCH_STACK, /query?n=N); with more
+than one count, the instructions each configuration adds per statement over its stack's
+first (bare) are printed last:
+
+    python benchmarks/instructions.py --stacks asyncpg,sqlalchemy --statements 1,10 \
+        --endpoints /query --requests 300
 """
 
 from __future__ import annotations
@@ -53,7 +60,8 @@ def _scale_thresholds(scale: int) -> None:
                 setattr(module, name, value * scale)
 
 
-async def _drive(app: Any, path: str, count: int, concurrency: int) -> None:
+async def _drive(app: Any, target: str, count: int, concurrency: int) -> None:
+    path, _, query = target.partition("?")
     startup: asyncio.Queue[dict[str, str]] = asyncio.Queue()
     events: asyncio.Queue[dict[str, str]] = asyncio.Queue()
     await events.put({"type": "lifespan.startup"})
@@ -83,7 +91,7 @@ async def _drive(app: Any, path: str, count: int, concurrency: int) -> None:
         "path": path,
         "raw_path": path.encode(),
         "root_path": "",
-        "query_string": b"",
+        "query_string": query.encode(),
         "headers": [(b"host", b"127.0.0.1")],
         "server": ("127.0.0.1", 8000),
         "client": ("127.0.0.1", 50000),
@@ -123,7 +131,7 @@ def _instructions(out_prefix: str) -> tuple[int, int]:
 def measure(
     label: str, path: str, count: int, args: argparse.Namespace, dsn: str, rec: str
 ) -> tuple[int, int]:
-    mode = label.removesuffix(BEFORE)
+    stack, _, mode = label.removesuffix(BEFORE).rpartition(":")
     pythonpath = [str(HERE)]
     if label.endswith(BEFORE):
         pythonpath.append(os.path.abspath(args.before))
@@ -132,13 +140,15 @@ def measure(
     env = {
         **os.environ,
         "BENCH_MODE": mode,
+        "BENCH_STACK": stack or "asyncpg",
         "BENCH_DSN": dsn,
-        "LOOPWATCH_FILE": os.path.join(rec, f"{label}.jsonl"),
+        "LOOPWATCH_FILE": os.path.join(rec, f"{label.replace(':', '-')}.jsonl"),
         "LOOPWATCH_STALL_MS": str(100 * args.scale),
         "PYTHONPATH": os.pathsep.join(pythonpath),
         "PYTHONHASHSEED": "0",
     }
-    prefix = os.path.join(rec, f"cg.{label.replace('@', '_')}.{path.strip('/')}.{count}")
+    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{label}.{path.strip('/')}")
+    prefix = os.path.join(rec, f"cg.{name}.{count}")
     cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes",
            f"--callgrind-out-file={prefix}.%p", sys.executable, __file__,
            "--inside", path, str(count), str(args.concurrency), str(args.scale)]  # fmt: skip
@@ -156,6 +166,8 @@ def main() -> None:
     parser.add_argument("--dsn", default=os.environ.get("LOOPWATCH_DSN"))
     parser.add_argument("--modes", default="bare,loopwatch")
     parser.add_argument("--endpoints", default="/trivial,/query")
+    parser.add_argument("--stacks", default="asyncpg", help="as in overhead.py")
+    parser.add_argument("--statements", default="1", help="as in overhead.py, e.g. 1,10")
     parser.add_argument("--before", metavar="SRC", help="also each configuration from SRC")
     parser.add_argument("--inside", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,25 +178,62 @@ def main() -> None:
 
     from loopwatch.cli.demo import database
 
-    modes = args.modes.split(",")
-    if args.before:
-        modes = [x for m in modes for x in ([m] if m == "bare" else [m, m + BEFORE])]
+    counts = sorted({int(n) for n in args.statements.split(",")})
+
+    def query_path(n: int) -> str:
+        return "/query" if n == 1 else f"/query?n={n}"
+
+    endpoints = [
+        x
+        for e in args.endpoints.split(",")
+        for x in ([e] if e != "/query" else map(query_path, counts))
+    ]
+    prefixed = args.stacks != "asyncpg"  # labels STACK:MODE, not MODE
+    modes = []
+    for stack in args.stacks.split(","):
+        for m in args.modes.split(","):
+            label = f"{stack}:{m}" if prefixed else m
+            modes += [label] if m == "bare" or not args.before else [label, label + BEFORE]
+    width = max(10, *map(len, endpoints))
     print(
         f"instructions per request (callgrind, {args.requests} requests after {WARMUP}, "
         f"{args.concurrency} in flight)\n"
     )
-    print(f"{'endpoint':10} {'config':18} {'loop thread':>12} {'all threads':>12}")
+    print(f"{'endpoint':{width}} {'config':22} {'loop thread':>12} {'all threads':>12}")
+    found: dict[tuple[str, str], tuple[float, float]] = {}
     with (
         tempfile.TemporaryDirectory(prefix="lwcg-") as rec,
         database(args.dsn, Path(rec)) as dsn,
     ):
-        for path in args.endpoints.split(","):
+        for path in endpoints:
             for label in modes:
                 lo = measure(label, path, WARMUP, args, dsn, rec)
                 hi = measure(label, path, WARMUP + args.requests, args, dsn, rec)
                 main_k = (hi[0] - lo[0]) / args.requests / 1000
                 all_k = (hi[1] - lo[1]) / args.requests / 1000
-                print(f"{path:10} {label:18} {main_k:10.1f}k {all_k:11.1f}k", flush=True)
+                found[label, path] = main_k, all_k
+                print(f"{path:{width}} {label:22} {main_k:10.1f}k {all_k:11.1f}k", flush=True)
+
+    def stack_of(label: str) -> str:
+        return label.removesuffix(BEFORE).rpartition(":")[0]
+
+    bases = {stack_of(label): label for label in reversed(modes)}  # each stack's first
+    few, most = counts[0], counts[-1]
+    if most > few and query_path(most) in endpoints and len(bases) < len(modes):
+        e1, en = query_path(few), query_path(most)
+        print(
+            f"\nadded per statement over the stack's first (bare): (added at {most} - added "
+            f"at {few}) / {most - few}"
+        )
+        print(f"{'config':22} {'loop thread':>12} {'all threads':>12}")
+        for label in modes:
+            base = bases[stack_of(label)]
+            if label == base:
+                continue
+            at_n = [found[label, en][i] - found[base, en][i] for i in (0, 1)]
+            at_1 = [found[label, e1][i] - found[base, e1][i] for i in (0, 1)]
+            per = [(at_n[i] - at_1[i]) / (most - few) for i in (0, 1)]
+            print(f"{label:22} {per[0]:+10.1f}k {per[1]:+11.1f}k")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,24 @@ labelled MODE@before, interleaved with the rest: what a change costs, same harne
 
 A PYTHONPATH set outside comes after SRC: point it at another worktree's src to measure
 a commit rather than a working tree that is being edited.
+
+--stacks measures database stacks other than asyncpg (BENCH_STACK in bench_app.py), each
+bare against loopwatch on the same stack: asyncpg (a pool), sqlalchemy (SQLAlchemy's
+asyncio engine on asyncpg, a session per request), psycopg (psycopg_pool's
+AsyncConnectionPool), tortoise (Tortoise ORM's asyncpg engine). --statements N,M,...
+serves /query with that many ``SELECT 1`` per request (/query?n=N; 1 is /query), so
+that the cost per statement separates from the cost per request:
+
+    python benchmarks/overhead.py --stacks asyncpg,sqlalchemy,psycopg,tortoise \
+        --statements 1,10 --endpoints /query --requests 5000 --rounds 3
+
+Configurations are then labelled STACK:MODE, each compared with its own stack's bare,
+and a last table gives, per stack, the added CPU per request at each count and per
+statement: (added at the most statements - added at the fewest) / (their difference),
+from each round's interleaved runs, median and range over the rounds. A stack whose
+libraries or loopwatch integration cannot be imported, or whose server does not start,
+is skipped with a message. Stacks other than asyncpg take the modes bare, loopwatch,
+lw-mw (LoopWatch over the stack alone) and lw-nofile.
 """
 
 from __future__ import annotations
@@ -54,6 +72,15 @@ from loopwatch.cli.demo import database
 HERE = Path(__file__).resolve().parent
 MODES = ["bare", "loopwatch"]
 ENDPOINTS = ["/trivial", "/query"]
+STACKS = ["asyncpg", "sqlalchemy", "psycopg", "tortoise"]
+STACK_MODES = ["bare", "loopwatch", "lw-mw", "lw-nofile"]  # for stacks other than asyncpg
+# What each stack's configurations import: the stack's libraries, loopwatch's integration.
+STACK_IMPORTS = {
+    "asyncpg": ["asyncpg", "loopwatch"],
+    "sqlalchemy": ["sqlalchemy.ext.asyncio", "loopwatch.integrations.sqlalchemy"],
+    "psycopg": ["psycopg_pool", "loopwatch.integrations.psycopg"],
+    "tortoise": ["tortoise", "loopwatch.integrations.tortoise"],
+}
 
 
 def free_port() -> int:
@@ -65,13 +92,37 @@ def free_port() -> int:
 BEFORE = "@before"
 
 
+def parse_label(label: str) -> tuple[str, str]:
+    """(stack, mode) of a configuration's label: MODE or STACK:MODE, maybe @before."""
+    stack, _, mode = label.removesuffix(BEFORE).rpartition(":")
+    return stack or "asyncpg", mode
+
+
+def stack_missing(stack: str) -> str | None:
+    """Why ``stack`` cannot be measured here, or None."""
+    import importlib
+
+    if stack not in STACK_IMPORTS:
+        return f"unknown stack (one of {', '.join(STACKS)})"
+    for module in STACK_IMPORTS[stack]:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a module being written may fail in any way
+            return f"cannot import {module}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def query_path(statements: int) -> str:
+    return "/query" if statements == 1 else f"/query?n={statements}"
+
+
 def start_server(
     label: str, dsn: str, record_dir: str, cpu: int | None, before: str | None
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Serve bench_app in configuration ``label``: a mode, or MODE@before for that mode
-    with the loopwatch package from ``before``."""
+    """Serve bench_app in configuration ``label``: a mode, STACK:MODE, or either with
+    @before for that configuration with the loopwatch package from ``before``."""
     port = free_port()
-    mode = label.removesuffix(BEFORE)
+    stack, mode = parse_label(label)
     path = [str(HERE)]
     if label.endswith(BEFORE) and before is not None:
         path.append(os.path.abspath(before))
@@ -80,8 +131,9 @@ def start_server(
     env = {
         **os.environ,
         "BENCH_MODE": mode,
+        "BENCH_STACK": stack,
         "BENCH_DSN": dsn,
-        "LOOPWATCH_FILE": os.path.join(record_dir, f"{label}.jsonl"),
+        "LOOPWATCH_FILE": os.path.join(record_dir, f"{label.replace(':', '-')}.jsonl"),
         "PYTHONPATH": os.pathsep.join(path),
     }
     cmd = [
@@ -102,6 +154,8 @@ def start_server(
     proc = subprocess.Popen(cmd, env=env, cwd=HERE)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {label} server exited ({proc.returncode})")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/trivial", timeout=1):
                 return proc, port
@@ -143,15 +197,46 @@ def main() -> None:
     parser.add_argument("--dsn", default=os.environ.get("LOOPWATCH_DSN"))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--endpoints", default=",".join(ENDPOINTS))
+    parser.add_argument(
+        "--stacks", default="asyncpg", help=f"database stacks, of {','.join(STACKS)}"
+    )
+    parser.add_argument(
+        "--statements", default="1", help="statements per /query request, e.g. 1,10"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2000, help="requests per server and endpoint first"
+    )
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument(
         "--before", metavar="SRC", help="also each configuration with loopwatch from SRC"
     )
     args = parser.parse_args()
-    modes = args.modes.split(",")
-    if args.before:
-        modes = [x for m in modes for x in ([m] if m == "bare" else [m, m + BEFORE])]
-    endpoints = args.endpoints.split(",")
+    counts = sorted({int(n) for n in args.statements.split(",")})
+    endpoints = [
+        x
+        for e in args.endpoints.split(",")
+        for x in ([e] if e != "/query" else map(query_path, counts))
+    ]
+    prefixed = args.stacks != "asyncpg"  # labels STACK:MODE, not MODE
+    stacks = []
+    for stack in args.stacks.split(","):
+        why = stack_missing(stack)
+        if why is None:
+            stacks.append(stack)
+        else:
+            print(f"skipping the {stack} stack: {why}", file=sys.stderr)
+    modes = []
+    for stack in stacks:
+        for m in args.modes.split(","):
+            if stack != "asyncpg" and m not in STACK_MODES:
+                print(f"skipping {stack}:{m}: that mode is for asyncpg only", file=sys.stderr)
+                continue
+            label = f"{stack}:{m}" if prefixed else m
+            modes += [label] if m == "bare" or not args.before else [label, label + BEFORE]
+    if not modes:
+        raise SystemExit("nothing to measure")
+    ew = max(10, *map(len, endpoints))  # column widths
+    cw = max(18, *map(len, modes))
     pin = os.cpu_count() is not None and (os.cpu_count() or 1) >= 2 and bool(_which("taskset"))
     server_cpu, client_cpu = (0, 1) if pin else (None, None)
 
@@ -162,11 +247,33 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="lwbench-") as rec,
         database(args.dsn, Path(rec)) as dsn,
     ):
-        servers = {m: start_server(m, dsn, rec, server_cpu, args.before) for m in modes}
+        servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
         try:
+            for m in modes:
+                stack = parse_label(m)[0]
+                if stack not in stacks:
+                    continue
+                try:
+                    servers[m] = start_server(m, dsn, rec, server_cpu, args.before)
+                except RuntimeError as exc:
+                    # Without its stack's first (bare) configuration, no other compares.
+                    if m == next(x for x in modes if parse_label(x)[0] == stack):
+                        print(f"skipping the {stack} stack: {exc}", file=sys.stderr)
+                        stacks.remove(stack)
+                    else:
+                        print(f"skipping {m}: {exc}", file=sys.stderr)
+            for m in [m for m in servers if parse_label(m)[0] not in stacks]:
+                proc, _ = servers.pop(m)
+                proc.terminate()
+                proc.wait(10)
+            modes = [m for m in modes if m in servers]
+            raw = {m: raw[m] for m in modes}
+            if not modes:
+                raise SystemExit("nothing to measure")
+
             for _proc, port in servers.values():  # warm up: imports, pools, caches
                 for e in endpoints:
-                    load(port, e, 2000, args.connections, client_cpu)
+                    load(port, e, args.warmup, args.connections, client_cpu)
             for r in range(args.rounds):
                 for e in endpoints:
                     for m in modes:
@@ -177,7 +284,7 @@ def main() -> None:
                         us = (server_cpu_s(proc) - c0) / args.requests * 1e6
                         raw[m][e].append((us, rps))
                         print(
-                            f"round {r + 1} {e:9} {m:18} {us:7.1f} us/req  {rps:8.0f} req/s",
+                            f"round {r + 1} {e:{ew}} {m:{cw}} {us:7.1f} us/req  {rps:8.0f} req/s",
                             file=sys.stderr,
                         )
         finally:
@@ -185,22 +292,33 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(10)
 
+    def base_of(m: str) -> str:
+        """The configuration ``m`` is compared with: its stack's first (bare)."""
+        stack = parse_label(m)[0]
+        return next(x for x in modes if parse_label(x)[0] == stack)
+
+    def median_us(m: str, e: str) -> float:
+        return statistics.median(us for us, _ in raw[m][e])
+
+    def label(mode: str) -> str:
+        return f"asyncpg:{mode}" if prefixed else mode
+
     print(
         f"\n{args.requests} requests per run, {args.rounds} interleaved runs per configuration, "
         f"{args.connections} connections; medians (min-max)\n"
     )
     print(
-        f"{'endpoint':10} {'config':18} {'server CPU/req':>22} {'req/s':>20} "
+        f"{'endpoint':{ew}} {'config':{cw}} {'server CPU/req':>22} {'req/s':>20} "
         f"{'added CPU':>10} {'CPU ratio':>10}"
     )
     for e in endpoints:
-        base = statistics.median(us for us, _ in raw[modes[0]][e])
         for m in modes:
+            base = median_us(base_of(m), e)
             us = [u for u, _ in raw[m][e]]
             rps = [x for _, x in raw[m][e]]
             med = statistics.median(us)
             print(
-                f"{e:10} {m:18} {med:8.1f} us ({min(us):5.1f}-{max(us):5.1f}) "
+                f"{e:{ew}} {m:{cw}} {med:8.1f} us ({min(us):5.1f}-{max(us):5.1f}) "
                 f"{statistics.median(rps):8.0f} ({min(rps):4.0f}-{max(rps):4.0f}) "
                 f"{med - base:+8.1f} us {med / base:9.3f}"
             )
@@ -211,17 +329,50 @@ def main() -> None:
             for m in paired:
                 now = statistics.median(us for us, _ in raw[m][e])
                 then = statistics.median(us for us, _ in raw[m + BEFORE][e])
-                print(f"{e:10} {m:18} {now - then:+7.1f} us ({now:.1f} against {then:.1f})")
-    span_modes = [m for m in ("loopwatch-spans", "lw-spans-nofile", "sdk-floor") if m in modes]
-    if "otel-contrib" in modes and span_modes:
-        print(f"\nadded CPU as a share of otel-contrib's (both over {modes[0]}):")
+                print(f"{e:{ew}} {m:{cw}} {now - then:+7.1f} us ({now:.1f} against {then:.1f})")
+    contrib = label("otel-contrib")
+    span_modes = [
+        label(m) for m in ("loopwatch-spans", "lw-spans-nofile", "sdk-floor") if label(m) in modes
+    ]
+    if contrib in modes and span_modes:
+        print(f"\nadded CPU as a share of otel-contrib's (both over {base_of(contrib)}):")
         for e in endpoints:
-            base = statistics.median(us for us, _ in raw[modes[0]][e])
-            otel = statistics.median(us for us, _ in raw["otel-contrib"][e]) - base
+            base = median_us(base_of(contrib), e)
+            otel = median_us(contrib, e) - base
             for m in span_modes:
-                lw = statistics.median(us for us, _ in raw[m][e]) - base
+                lw = median_us(m, e) - base
                 share = f"{lw / otel:.2f}" if otel > 0 else "n/a"
-                print(f"{e:10} {m:15} {lw:+7.1f} us / {otel:+7.1f} us = {share}")
+                print(f"{e:{ew}} {m:15} {lw:+7.1f} us / {otel:+7.1f} us = {share}")
+    few, most = counts[0], counts[-1]
+    if most > few and query_path(most) in endpoints:
+        e1, en = query_path(few), query_path(most)
+        print(
+            f"\nper configuration, against its stack's first (bare): added server CPU "
+            f"per request at {few} and {most} statements (medians), and per statement: "
+            f"(added at {most} - added at {few}) / {most - few}, from each round's runs, "
+            f"median (min-max) over the rounds"
+        )
+        print(
+            f"{'config':{cw}} {'base CPU/req':>12} {'base per stmt':>13} "
+            f"{f'added @{few}':>10} {f'added @{most}':>10} {'added per statement':>24}"
+        )
+        for m in modes:
+            b = base_of(m)
+            if m == b:
+                continue
+            per_round = [
+                ((x[0] - bx[0]) - (y[0] - by[0])) / (most - few)
+                for x, bx, y, by in zip(raw[m][en], raw[b][en], raw[m][e1], raw[b][e1], strict=True)
+            ]
+            base_stmt = (median_us(b, en) - median_us(b, e1)) / (most - few)
+            added_1 = median_us(m, e1) - median_us(b, e1)
+            added_n = median_us(m, en) - median_us(b, en)
+            print(
+                f"{m:{cw}} {median_us(b, e1):9.1f} us {base_stmt:10.1f} us "
+                f"{added_1:+7.1f} us {added_n:+7.1f} us "
+                f"{statistics.median(per_round):+8.1f} us ({min(per_round):+.1f} to "
+                f"{max(per_round):+.1f})"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
 
