@@ -195,7 +195,7 @@ def _start(connection: Any, query: object, operation: str | None, statement: boo
 def _pipelined(connection: Any) -> bool:
     """Whether the connection is in pipeline mode (execute() queues, sends nothing)."""
     try:
-        return bool(connection.info.pipeline_status)
+        return bool(connection.pgconn.pipeline_status)  # (conn.info makes an object a call)
     except Exception:  # a closed connection: psycopg raises its own error next
         return False
 
