@@ -302,10 +302,12 @@ def _read(
             acc.pool += pool
             acc.loop += loop
             acc.walls.append(wall)
-            acc.queries += d["db_queries"]
+            # Clamped for the means: a count JSON allows but no request makes (2**80)
+            # must not overflow them.
+            acc.queries += min(d["db_queries"], _MAX_COUNT)
             statements = d.get("db_statements")
             if statements is not None:
-                acc.statements += statements
+                acc.statements += min(statements, _MAX_COUNT)
                 acc.statements_known += 1
             status = d.get("status")
             if d.get("error") is not None or (status is not None and status >= 500):
@@ -451,6 +453,7 @@ def _valid_request(d: dict[str, Any]) -> bool:
         return False
 
 
+_MAX_COUNT = 2**40  # queries or statements of one request, for the route means
 _DATA = frozenset(("request", "process", "stall"))  # lines a process writes after its meta line
 _NO_SEGMENTS: list[Any] = []
 _BLOCKED_STR = ("id", "method", "route")
