@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -305,9 +306,14 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    code = 130
     try:
         code = main()
     except KeyboardInterrupt:  # one that came between main's own handlers (e.g. cleanup)
         print("loopwatch: interrupted", file=sys.stderr)
-        code = 130
+    finally:
+        if code == 130:
+            # Interrupted and cleaned up: a SIGINT still pending, or a second one, must
+            # not turn the exit into a death by signal as the interpreter shuts down.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
