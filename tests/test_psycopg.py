@@ -641,6 +641,28 @@ async def test_a_call_psycopg_refuses_sends_nothing_and_records_nothing(
     assert client_spans(exporter) == []
 
 
+async def test_a_refused_call_after_a_begin_is_that_query_and_no_statement(
+    conn: AsyncConnection[Any],
+) -> None:
+    # Without autocommit psycopg sends BEGIN, then refuses the parameters: the BEGIN is
+    # a query (when it waited for its reply), no statement ran.
+    caught: list[BaseException] = []
+
+    async def body() -> None:
+        try:
+            await conn.execute("SELECT %s, %s", (1,))
+        except psycopg.ProgrammingError as exc:
+            caught.append(exc)
+
+    rec = await in_request(body)
+    assert not conn.autocommit
+    assert [type(e) for e in caught] == [psycopg.ProgrammingError]
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS  # BEGIN went
+    assert rec.db_statements == 0, rec
+    assert rec.db_queries <= 1, rec
+    await conn.rollback()
+
+
 async def _cancelled(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
     """What a statement cancelled by a timeout raises, and what the connection does next."""
     outcome: list[Any] = []

@@ -126,8 +126,10 @@ def _timed(
     except BaseException as exc:
         if isinstance(exc, psycopg.Error) and exc.sqlstate is None and not exc.diag.sqlstate:
             # Refused before it was sent (the wrong number of parameters), or the
-            # connection failed: a round trip only if it waited.
+            # connection failed: no statement ran; a round trip only if it waited (the
+            # BEGIN psycopg sends first without autocommit).
             block.round_trips = None
+            block.statement = False
         block.stop(exc)
         raise
     block.stop()

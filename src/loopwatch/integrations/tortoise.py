@@ -108,7 +108,7 @@ def _instrumented(expanded: dict[str, Any], db_url: str) -> dict[str, Any]:
         scheme = db_url.partition(":")[0]
         raise ConfigurationError(
             f"loopwatch instruments Tortoise's asyncpg engine only: give a postgres:// "
-            f"(or asyncpg://) URL, not {scheme}://."
+            f"(or asyncpg://, or postgresql:// on Tortoise 1.x) URL, not {scheme}://."
         )
     return {**expanded, "engine": ENGINE}
 
