@@ -234,14 +234,7 @@ class Timed:
         if self._trace is _IDLE:
             return self.start()
         # Entered again before its exit (shared between requests): a block of its own.
-        run = Timed(
-            self.kind,
-            self.query,
-            operation=self.operation,
-            system=self.system,
-            attributes=self.attributes,
-            statement=self.statement,
-        )
+        run = self._copy()
         runs = self._runs
         if runs is None:
             runs = self._runs = {}
@@ -289,22 +282,24 @@ class Timed:
                 f"timed() decorates coroutine functions (async def), not {fn!r}; "
                 f"time a plain call with 'with timed(...)'."
             )
-        kind, query, statement = self.kind, self.query, self.statement
-        operation, system, attributes = self.operation, self.system, self.attributes
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            async with Timed(
-                kind,
-                query,
-                operation=operation,
-                system=system,
-                attributes=attributes,
-                statement=statement,
-            ):
+            async with self._copy():
                 return await fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
+
+    def _copy(self) -> Timed:
+        """A block of the same description, not started."""
+        return Timed(
+            self.kind,
+            self.query,
+            operation=self.operation,
+            system=self.system,
+            attributes=self.attributes,
+            statement=self.statement,
+        )
 
     def __repr__(self) -> str:
         return f"<loopwatch.timed {self.kind} {self.query!r}>"

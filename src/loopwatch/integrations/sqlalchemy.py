@@ -34,6 +34,7 @@ With ``async_creator=``, SQLAlchemy calls your function for connections: return
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -133,41 +134,31 @@ def _listen(sync_engine: Engine) -> None:
     if url.port:
         attributes["server.port"] = url.port
 
-    def block(statement: Any) -> _Statement:
+    def run(statement: Any, context: Any, execute: Callable[..., Any], *args: Any) -> bool:
+        """The dialect's ``execute(*args)`` of ``statement``, as one block; True tells
+        SQLAlchemy it is done."""
         text = statement if isinstance(statement, str) else None
-        timed = _Statement("db", text, system=system, attributes=attributes)
+        timed = Timed("db", text, system=system, attributes=attributes)
         timed.round_trips = 1  # executed, even if the driver found its reply waiting
-        return timed
+        timed.start()
+        try:
+            execute(*args)
+        except BaseException as exc:
+            _stop(timed, context, exc)
+            raise
+        _stop(timed, context, None)
+        return True
 
     def do_execute(cursor: Any, statement: Any, parameters: Any, context: Any) -> bool:
-        timed = block(statement).start()
-        try:
-            dialect.do_execute(cursor, statement, parameters, context)
-        except BaseException as exc:
-            _stop(timed, context, exc)
-            raise
-        _stop(timed, context, None)
-        return True
+        return run(statement, context, dialect.do_execute, cursor, statement, parameters, context)
 
     def do_executemany(cursor: Any, statement: Any, parameters: Any, context: Any) -> bool:
-        timed = block(statement).start()
-        try:
-            dialect.do_executemany(cursor, statement, parameters, context)
-        except BaseException as exc:
-            _stop(timed, context, exc)
-            raise
-        _stop(timed, context, None)
-        return True
+        return run(
+            statement, context, dialect.do_executemany, cursor, statement, parameters, context
+        )
 
     def do_execute_no_params(cursor: Any, statement: Any, context: Any) -> bool:
-        timed = block(statement).start()
-        try:
-            dialect.do_execute_no_params(cursor, statement, context)
-        except BaseException as exc:
-            _stop(timed, context, exc)
-            raise
-        _stop(timed, context, None)
-        return True
+        return run(statement, context, dialect.do_execute_no_params, cursor, statement, context)
 
     event.listen(sync_engine, "do_execute", do_execute)
     event.listen(sync_engine, "do_executemany", do_executemany)
@@ -180,12 +171,6 @@ def _stop(timed: Timed, context: Any, error: BaseException | None) -> None:
     if getattr(context, "_otel_span", None) is not None:
         timed.span = False
     timed.stop(error)
-
-
-class _Statement(Timed):
-    """A block this module started for a statement."""
-
-    __slots__ = ()
 
 
 _classes: dict[type[Any], type[Any]] = {}
