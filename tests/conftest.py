@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from loopwatch import InstrumentedPool, create_pool
 from loopwatch.cli.demo import database
@@ -39,6 +42,21 @@ async def pool(pg_dsn: str) -> AsyncIterator[InstrumentedPool]:
     p = await create_pool(pg_dsn, min_size=1, max_size=1)
     yield p
     await asyncio.wait_for(p.close(), 10)
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    """The spans an SDK tracer provider (the ``provider`` fixture) finished."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    """An SDK tracer provider exporting to ``exporter`` as each span ends."""
+    p = TracerProvider()
+    p.add_span_processor(SimpleSpanProcessor(exporter))
+    yield p
+    p.shutdown()
 
 
 @pytest.fixture

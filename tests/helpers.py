@@ -1,4 +1,5 @@
-"""Helpers for tests: reading record files, stopping servers, burning CPU."""
+"""Helpers for tests: reading record files, stopping servers, burning CPU, spans kept in
+memory by the apps served in the tests' subprocesses."""
 
 from __future__ import annotations
 
@@ -90,3 +91,38 @@ def burn_cpu(ms: float) -> float:
         for i in range(200):
             x += i * i
     return (time.thread_time_ns() - start) / 1e6
+
+
+def in_memory_spans() -> Any:
+    """Set a global SDK tracer provider that keeps every finished span in memory (for an
+    app served in a test's subprocess); its exporter, for :func:`finished_spans`."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
+def finished_spans(exporter: Any) -> list[dict[str, Any]]:
+    """The spans ``exporter`` kept, as JSON an app's endpoint returns to the test; none
+    without an exporter."""
+    if exporter is None:
+        return []
+    return [
+        {
+            "name": s.name,
+            "kind": s.kind.name,
+            "scope": s.instrumentation_scope.name if s.instrumentation_scope else None,
+            "attributes": dict(s.attributes or {}),
+            "status": s.status.status_code.name,
+            "duration_ms": ((s.end_time or 0) - (s.start_time or 0)) / 1e6,
+            "trace_id": s.context.trace_id,
+            "parent": s.parent.span_id if s.parent else None,
+        }
+        for s in exporter.get_finished_spans()
+    ]

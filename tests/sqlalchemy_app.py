@@ -3,8 +3,9 @@ in the tests' subprocesses. Each endpoint measures what it did itself and return
 
 Configured by environment variables: LOOPWATCH_FILE, LOOPWATCH_TEST_DSN (PostgreSQL, as
 asyncpg takes it), DRIVER (``asyncpg``, ``psycopg``; ``bare``: SQLAlchemy's own engine,
-then ``instrument()``), POOL_MAX (the pool size, no overflow), OTEL_SQLALCHEMY (``1``:
-OpenTelemetry's SQLAlchemy instrumentation is on too, with an in-memory exporter).
+then ``instrument()``), POOL_MAX (the pool size, no overflow), OTEL (``1``: spans kept
+in memory, read back at /spans), OTEL_SQLALCHEMY (``1``: the same, and OpenTelemetry's
+SQLAlchemy instrumentation on too).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession as SQLModelSession
 from loopwatch import LoopWatch
 from loopwatch.integrations.sqlalchemy import create_async_engine, instrument
 
-from .helpers import burn_cpu
+from .helpers import burn_cpu, finished_spans, in_memory_spans
 
 DSN = os.environ.get("LOOPWATCH_TEST_DSN", "")
 DRIVER = os.environ.get("DRIVER", "asyncpg")
@@ -67,29 +68,13 @@ def make_engine() -> AsyncEngine:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     global spans
     engine = make_engine()
+    if os.environ.get("OTEL") or os.environ.get("OTEL_SQLALCHEMY"):
+        spans = in_memory_spans()
     if os.environ.get("OTEL_SQLALCHEMY"):
-        from opentelemetry import trace
         from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-        spans = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(spans))
-        trace.set_tracer_provider(provider)
         # Its version check stops at SQLAlchemy 2.0; its engine events work on 2.1.
         SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, skip_dep_check=True)
-    elif os.environ.get("OTEL"):
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-        spans = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(spans))
-        trace.set_tracer_provider(provider)
     async with engine.begin() as conn:
         await conn.run_sync(SQLModel.metadata.create_all)
     app.state.engine = engine
@@ -215,16 +200,4 @@ if function_scope is not None:
 
 @app.get("/spans")
 def exported_spans() -> list[dict[str, Any]]:
-    if spans is None:
-        return []
-    return [
-        {
-            "name": s.name,
-            "kind": s.kind.name,
-            "scope": s.instrumentation_scope.name if s.instrumentation_scope else None,
-            "attributes": dict(s.attributes or {}),
-            "trace_id": s.context.trace_id,
-            "parent": s.parent.span_id if s.parent else None,
-        }
-        for s in spans.get_finished_spans()
-    ]
+    return finished_spans(spans)

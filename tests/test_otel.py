@@ -14,7 +14,6 @@ import httpx
 import pytest
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, get_tracer
 from starlette.applications import Starlette
@@ -35,19 +34,6 @@ SECRET_PARAM = "hunter2-param"
 # Past the stall threshold: the tests ask for 0.05 s, but the process's watchdog has the
 # threshold of the first LoopWatch that started it (the default is 0.1 s).
 BLOCK_S = 0.25
-
-
-@pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
-def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
-    p = TracerProvider()
-    p.add_span_processor(SimpleSpanProcessor(exporter))
-    yield p
-    p.shutdown()
 
 
 def make_app(pool: InstrumentedPool) -> Starlette:

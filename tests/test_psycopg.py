@@ -13,7 +13,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ import psycopg.errors
 import psycopg_pool
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from psycopg import sql
@@ -46,6 +45,7 @@ from loopwatch.record import RequestRecord
 
 from .conftest import serve
 from .helpers import burn_cpu, requests_in
+from .test_ground_truth import _fire
 
 LOOPS = ["asyncio", "uvloop"]
 SLEEP_MS = 50  # of pg_sleep, in the in-process tests
@@ -99,16 +99,6 @@ def test_a_request_matches_what_it_measured(pg_dsn: str, record_file: Path, loop
     assert {"cpu", "db"} <= {seg[0] for seg in rec["segments"]}
 
 
-async def _fire(url: str, n: int) -> list[dict[str, Any]]:
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        responses = await asyncio.gather(
-            *(client.get(f"{url}/work/{i}?cpu=0&db=100") for i in range(n))
-        )
-    assert all(r.status_code == 200 for r in responses)
-    return [r.json() for r in responses]
-
-
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_pool_of_one_makes_requests_wait_what_they_measured(
     pg_dsn: str, record_file: Path, loop: str
@@ -116,7 +106,7 @@ def test_a_pool_of_one_makes_requests_wait_what_they_measured(
     env = {"LOOPWATCH_FILE": str(record_file), "LOOPWATCH_TEST_DSN": pg_dsn, "POOL_MAX": "1"}
     with serve("tests.psycopg_app:app", env, loop=loop) as server:
         _get(f"{server.url}/work/9?cpu=0&db=1")  # imports, outside the figures
-        truths = asyncio.run(_fire(server.url, 3))
+        truths = asyncio.run(_fire(server.url, 3, lambda i: 0, 100))
         records = _records(record_file, {f"/work/{i}" for i in range(3)})
 
     waits = []
@@ -750,19 +740,6 @@ def test_a_missing_psycopg_names_the_extra() -> None:
 
 
 # --- OpenTelemetry ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
-def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
-    p = TracerProvider()
-    p.add_span_processor(SimpleSpanProcessor(exporter))
-    yield p
-    p.shutdown()
 
 
 def client_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:

@@ -3,13 +3,10 @@ OpenTelemetry SDK and a real PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import asyncpg
 import httpx
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
@@ -141,19 +138,6 @@ def test_query_text_must_be_a_known_mode() -> None:
 
 SECRET = "hunter2-literal"
 NO_ROLE = "loopwatch_no_such_role"
-
-
-@pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
-def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
-    p = TracerProvider()
-    p.add_span_processor(SimpleSpanProcessor(exporter))
-    yield p
-    p.shutdown()
 
 
 def literal_app(pool: InstrumentedPool) -> Starlette:

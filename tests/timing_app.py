@@ -23,18 +23,10 @@ from starlette.routing import Route
 import loopwatch
 from loopwatch import LoopWatch, timed
 
-DSN = os.environ.get("LOOPWATCH_TEST_DSN", "")
-exporter: Any = None
-if os.environ.get("OTEL"):
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from .helpers import finished_spans, in_memory_spans
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+DSN = os.environ.get("LOOPWATCH_TEST_DSN", "")
+exporter: Any = in_memory_spans() if os.environ.get("OTEL") else None
 
 
 @contextlib.asynccontextmanager
@@ -173,21 +165,7 @@ async def unit_of_work(request: Request) -> Response:
 
 
 async def spans(request: Request) -> Response:
-    if exporter is None:
-        return JSONResponse([])
-    return JSONResponse(
-        [
-            {
-                "name": s.name,
-                "kind": s.kind.name,
-                "scope": s.instrumentation_scope.name if s.instrumentation_scope else None,
-                "attributes": dict(s.attributes or {}),
-                "status": s.status.status_code.name,
-                "duration_ms": ((s.end_time or 0) - (s.start_time or 0)) / 1e6,
-            }
-            for s in exporter.get_finished_spans()
-        ]
-    )
+    return JSONResponse(finished_spans(exporter))
 
 
 app = Starlette(
