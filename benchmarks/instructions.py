@@ -177,17 +177,9 @@ def main() -> None:
         return
 
     from loopwatch.cli.demo import database
+    from overhead import endpoints_of, query_path
 
-    counts = sorted({int(n) for n in args.statements.split(",")})
-
-    def query_path(n: int) -> str:
-        return "/query" if n == 1 else f"/query?n={n}"
-
-    endpoints = [
-        x
-        for e in args.endpoints.split(",")
-        for x in ([e] if e != "/query" else map(query_path, counts))
-    ]
+    counts, endpoints = endpoints_of(args.endpoints, args.statements)
     prefixed = args.stacks != "asyncpg"  # labels STACK:MODE, not MODE
     modes = []
     for stack in args.stacks.split(","):

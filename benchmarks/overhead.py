@@ -116,6 +116,16 @@ def query_path(statements: int) -> str:
     return "/query" if statements == 1 else f"/query?n={statements}"
 
 
+def endpoints_of(endpoints: str, statements: str) -> tuple[list[int], list[str]]:
+    """--statements as sorted counts, and --endpoints with /query one per count (also
+    instructions.py's)."""
+    counts = sorted({int(n) for n in statements.split(",")})
+    paths = [
+        x for e in endpoints.split(",") for x in ([e] if e != "/query" else map(query_path, counts))
+    ]
+    return counts, paths
+
+
 def start_server(
     label: str, dsn: str, record_dir: str, cpu: int | None, before: str | None
 ) -> tuple[subprocess.Popen[bytes], int]:
@@ -211,12 +221,7 @@ def main() -> None:
         "--before", metavar="SRC", help="also each configuration with loopwatch from SRC"
     )
     args = parser.parse_args()
-    counts = sorted({int(n) for n in args.statements.split(",")})
-    endpoints = [
-        x
-        for e in args.endpoints.split(",")
-        for x in ([e] if e != "/query" else map(query_path, counts))
-    ]
+    counts, endpoints = endpoints_of(args.endpoints, args.statements)
     prefixed = args.stacks != "asyncpg"  # labels STACK:MODE, not MODE
     stacks = []
     for stack in args.stacks.split(","):
