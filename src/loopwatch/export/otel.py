@@ -208,33 +208,17 @@ class RequestSpans:
         if not self.owner.query_spans:
             return None
         attributes = {"db.system.name": "postgresql", **_target(connection)}
-        if text is not None:
-            # Sanitized even when the raw text is wanted: the operation is read from it,
-            # past any leading comment. Cached by the text, as statements repeat.
-            clean = sanitize(text)
-            operation = operation or operation_name(clean)
-            mode = self.owner.query_text
-            if mode == "sanitized":  # the parameters were never in it; now no literal is
-                attributes["db.query.text"] = clean
-            elif mode == "raw":
-                attributes["db.query.text"] = text
-        if operation:
-            attributes["db.operation.name"] = operation
-        namespace = attributes.get("db.namespace")
-        name = f"{operation} {namespace}" if operation and namespace else operation or "postgresql"
+        operation = _describe(attributes, text, operation, self.owner.query_text)
+        name = _client_name(operation, attributes, "postgresql")
         return self.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
 
     def query_end(self, span: Any, exc: BaseException | None) -> None:
         if span is None:
             return
         if exc is not None:
-            span.set_attribute("error.type", error_type(exc))
             # Only a SQLSTATE PostgreSQL sent: asyncpg's client-side errors carry one on
             # their class (DataError: 22000) but never reached the server.
-            sqlstate = vars(exc).get("sqlstate")
-            if isinstance(sqlstate, str):
-                span.set_attribute("db.response.status_code", sqlstate)
-            span.set_status(Status(StatusCode.ERROR))
+            _failed(span, exc, vars(exc).get("sqlstate"))
         span.end()
 
     def timed_span(
@@ -251,59 +235,77 @@ class RequestSpans:
         if block.attributes:
             attributes.update(block.attributes)
         if block.kind == "pool":
-            name = "pool acquire"
-            kind = SpanKind.INTERNAL
+            span, offset = self._past("pool acquire", SpanKind.INTERNAL, attributes, start_ns)
         else:
-            text, operation = block.query, block.operation
-            if callable(text):
-                text = text()
-            if text is not None:
-                mode = self.owner.query_text
-                sql = system is None or system in _SQL_SYSTEMS
-                clean = sanitize(text) if sql else None
-                if operation is None and clean is not None:
-                    operation = operation_name(clean)
-                if mode == "raw":
-                    attributes["db.query.text"] = text
-                elif mode == "sanitized" and clean is not None:
-                    attributes["db.query.text"] = clean
-            if operation:
-                attributes["db.operation.name"] = operation
-            namespace = attributes.get("db.namespace")
-            name = (
-                f"{operation} {namespace}"
-                if operation and namespace
-                else operation or system or "query"
-            )
-            kind = SpanKind.CLIENT
-        now_unix, now_perf = time_ns(), perf_counter_ns()
-        span = self.tracer.start_span(
-            name, kind=kind, attributes=attributes, start_time=now_unix - (now_perf - start_ns)
-        )
+            text = block.query() if callable(block.query) else block.query
+            sql = system is None or system in _SQL_SYSTEMS  # only SQL can be sanitized
+            operation = _describe(attributes, text, block.operation, self.owner.query_text, sql)
+            name = _client_name(operation, attributes, system or "query")
+            span, offset = self._past(name, SpanKind.CLIENT, attributes, start_ns)
         if exc is not None:
-            span.set_attribute("error.type", error_type(exc))
-            sqlstate = getattr(exc, "sqlstate", None)
-            if isinstance(sqlstate, str):
-                span.set_attribute("db.response.status_code", sqlstate)
-            span.set_status(Status(StatusCode.ERROR))
-        span.end(end_time=now_unix - (now_perf - end_ns))
+            _failed(span, exc, getattr(exc, "sqlstate", None))
+        span.end(end_time=end_ns + offset)
 
     def waited(self, kind: str, start_ns: int, end_ns: int, connection: Any = None) -> None:
         """A span for a wait known only once it is over (pool acquire, cursor batch)."""
         if kind == "db" and not self.owner.query_spans:
             return
-        now_unix, now_perf = time_ns(), perf_counter_ns()
         attributes: dict[str, Any] = {"db.system.name": "postgresql", **_target(connection)}
-        name = "pool acquire" if kind == "pool" else "FETCH"
-        if kind == "db":
+        if kind == "pool":
+            span, offset = self._past("pool acquire", SpanKind.INTERNAL, attributes, start_ns)
+        else:
             attributes["db.operation.name"] = "FETCH"
+            span, offset = self._past("FETCH", SpanKind.CLIENT, attributes, start_ns)
+        span.end(end_time=end_ns + offset)
+
+    def _past(
+        self, name: str, kind: SpanKind, attributes: dict[str, Any], start_ns: int
+    ) -> tuple[Any, int]:
+        """A span that started at ``start_ns`` (``perf_counter_ns``), made now; and what
+        turns a ``perf_counter_ns`` reading into the spans' clock, for its end."""
+        offset = time_ns() - perf_counter_ns()
         span = self.tracer.start_span(
-            name,
-            kind=SpanKind.INTERNAL if kind == "pool" else SpanKind.CLIENT,
-            attributes=attributes,
-            start_time=now_unix - (now_perf - start_ns),
+            name, kind=kind, attributes=attributes, start_time=start_ns + offset
         )
-        span.end(end_time=now_unix - (now_perf - end_ns))
+        return span, offset
+
+
+def _describe(
+    attributes: dict[str, Any],
+    text: str | None,
+    operation: str | None,
+    mode: QueryText,
+    sql: bool = True,
+) -> str | None:
+    """Put a query's ``db.query.text`` (per ``mode``; sanitized only when ``sql``, and
+    then even for ``"raw"``: the operation is read from the clean text, past any leading
+    comment, cached by the text as statements repeat) and ``db.operation.name`` in
+    ``attributes``; return the operation."""
+    if text is not None:
+        clean = sanitize(text) if sql else None
+        if not operation and clean is not None:
+            operation = operation_name(clean)
+        if mode == "raw":
+            attributes["db.query.text"] = text
+        elif mode == "sanitized" and clean is not None:  # no literal is left in it
+            attributes["db.query.text"] = clean
+    if operation:
+        attributes["db.operation.name"] = operation
+    return operation
+
+
+def _client_name(operation: str | None, attributes: dict[str, Any], fallback: str) -> str:
+    """A client span's name: ``{db.operation.name} {db.namespace}``, or what there is."""
+    namespace = attributes.get("db.namespace")
+    return f"{operation} {namespace}" if operation and namespace else operation or fallback
+
+
+def _failed(span: Any, exc: BaseException, sqlstate: Any) -> None:
+    """Mark a query's span failed with ``exc``; ``sqlstate``: one PostgreSQL sent."""
+    span.set_attribute("error.type", error_type(exc))
+    if isinstance(sqlstate, str):
+        span.set_attribute("db.response.status_code", sqlstate)
+    span.set_status(Status(StatusCode.ERROR))
 
 
 def _loopwatch_attributes(record: RequestRecord) -> dict[str, Any]:
