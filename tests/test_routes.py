@@ -151,12 +151,18 @@ async def test_starlette_route_in_an_included_router() -> None:
     ]
 
 
-async def test_mounted_fastapi_and_starlette_apps() -> None:
+def _api_app() -> FastAPI:
+    """The users router at /users, and a FastAPI app of its own mounted at /api/v1."""
     sub = FastAPI()
     sub.include_router(_c1(), prefix="/c1")
     app = FastAPI()
     app.include_router(_users(), prefix="/users")
     app.mount("/api/v1", sub)
+    return app
+
+
+async def test_mounted_fastapi_and_starlette_apps() -> None:
+    app = _api_app()
     app.mount("/legacy", Starlette(routes=[Route("/things/{n}", _text)]))
     assert await _routes(app, "/api/v1/c1/list", "/legacy/things/4", "/users/1") == [
         "/api/v1/c1/list",
@@ -225,11 +231,7 @@ async def test_apps_mounted_whole_have_the_mounts_template() -> None:
 
 
 async def test_unmatched_paths_have_no_route() -> None:
-    sub = FastAPI()
-    sub.include_router(_c1(), prefix="/c1")
-    app = FastAPI()
-    app.include_router(_users(), prefix="/users")
-    app.mount("/api/v1", sub)
+    app = _api_app()
     app.mount("/legacy", Starlette(routes=[Route("/things/{n}", _text)]))
     app.mount("/orgs/{org}", Router(routes=[Route("/about", _text)]))
     paths = [
@@ -253,11 +255,7 @@ async def test_unmatched_paths_have_no_route() -> None:
 
 
 async def test_root_path_from_the_server() -> None:
-    sub = FastAPI()
-    sub.include_router(_c1(), prefix="/c1")
-    app = FastAPI()
-    app.include_router(_users(), prefix="/users")
-    app.mount("/api/v1", sub)
+    app = _api_app()
     routes = await _routes(app, "/users/3", "/api/v1/c1/list", "/nowhere", root_path="/prefix")
     assert routes == ["/users/{user_id}", "/api/v1/c1/list", None]
 
