@@ -249,21 +249,20 @@ async def test_a_current_span_that_is_not_a_server_span_is_the_parent_of_the_ser
     assert query.parent.span_id == server.context.span_id
 
 
+def _with_otel_asgi(inner: Any, provider: TracerProvider, where: str, **options: Any) -> Any:
+    """``inner`` under LoopWatch (with ``options``) and OpenTelemetry's ASGI middleware,
+    that one ``where`` (``"outside"`` or ``"inside"``) LoopWatch."""
+    options = {"file": None, "tracer_provider": provider, **options}
+    if where == "outside":
+        return OpenTelemetryMiddleware(LoopWatch(inner, **options), tracer_provider=provider)
+    return LoopWatch(OpenTelemetryMiddleware(inner, tracer_provider=provider), **options)
+
+
 @pytest.mark.parametrize("where", ["outside", "inside"])
 async def test_with_opentelemetry_asgi_there_is_one_enriched_server_span(
     pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter, where: str
 ) -> None:
-    inner = make_app(pool)
-    if where == "outside":
-        app: Any = OpenTelemetryMiddleware(
-            LoopWatch(inner, file=None, tracer_provider=provider), tracer_provider=provider
-        )
-    else:
-        app = LoopWatch(
-            OpenTelemetryMiddleware(inner, tracer_provider=provider),
-            file=None,
-            tracer_provider=provider,
-        )
+    app = _with_otel_asgi(make_app(pool), provider, where)
     assert await get(app, "/items/5") == [200]
     spans = exporter.get_finished_spans()
     servers = by_kind(spans, SpanKind.SERVER)
@@ -280,17 +279,7 @@ async def test_with_opentelemetry_asgi_there_is_one_enriched_server_span(
 async def test_opentelemetry_asgis_server_span_gets_the_route_and_the_routes_name(
     pool: InstrumentedPool, provider: TracerProvider, exporter: InMemorySpanExporter, where: str
 ) -> None:
-    inner = make_app(pool)
-    if where == "outside":
-        app: Any = OpenTelemetryMiddleware(
-            LoopWatch(inner, file=None, tracer_provider=provider), tracer_provider=provider
-        )
-    else:
-        app = LoopWatch(
-            OpenTelemetryMiddleware(inner, tracer_provider=provider),
-            file=None,
-            tracer_provider=provider,
-        )
+    app = _with_otel_asgi(make_app(pool), provider, where)
     assert await get(app, "/items/0") == [200]
     (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
     assert server.instrumentation_scope is not None
@@ -381,13 +370,7 @@ async def test_a_request_that_does_not_stall_has_no_stall_event(
 async def test_with_opentelemetry_asgi_the_stall_is_on_its_server_span(
     provider: TracerProvider, exporter: InMemorySpanExporter, where: str
 ) -> None:
-    kwargs: dict[str, Any] = {"file": None, "tracer_provider": provider, "stall_threshold": 0.05}
-    if where == "outside":
-        app: Any = OpenTelemetryMiddleware(
-            LoopWatch(blocking_app(), **kwargs), tracer_provider=provider
-        )
-    else:
-        app = LoopWatch(OpenTelemetryMiddleware(blocking_app(), tracer_provider=provider), **kwargs)
+    app = _with_otel_asgi(blocking_app(), provider, where, stall_threshold=0.05)
     assert await get(app, "/block") == [200]
     (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
     (event,) = stall_events(server)
