@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..renderers.text import fmt_bytes, fmt_ms, to_ascii, wrap
@@ -307,19 +307,31 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    interrupted = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as ever
+
+    # A KeyboardInterrupt that lands in a finalizer (an asyncio transport's __del__) is
+    # ignored by Python: the flag still knows the user asked to stop.
+    signal.signal(signal.SIGINT, on_sigint)
     code = 130
     try:
         code = main()
     except KeyboardInterrupt:  # one that came between main's own handlers (e.g. cleanup)
         print("loopwatch: interrupted", file=sys.stderr)
     finally:
-        if code == 130:
+        if code == 130 or interrupted:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if interrupted and code != 130:  # swallowed where it was raised: main went on
+        print("loopwatch: interrupted", file=sys.stderr)
+        code = 130
     if code == 130:
-        # Interrupted, and main has cleaned up (the demo's server, database and files).
-        # The interpreter's own shutdown after an interrupt ended, about one time in ten,
-        # by SIGINT (status -2) rather than with 130, with SIGINT ignored and no second
-        # one sent (cause not found): leave without it.
+        # Interrupted, and main has cleaned up (the demo's server, database and files):
+        # leave now, not through an interpreter shutdown that an interrupt swallowed by a
+        # finalizer could end by the signal (status -2).
         with contextlib.suppress(OSError):
             sys.stdout.flush()
             sys.stderr.flush()
