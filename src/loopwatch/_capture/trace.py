@@ -15,7 +15,7 @@ from operator import itemgetter
 from time import perf_counter_ns, thread_time_ns
 from typing import Any
 
-from ..record import BlockedBy, RequestRecord, request_line
+from ..record import BlockedBy, RequestLine, RequestRecord, line_bytes
 from .loop import BLOCKED_NS, LONG_NS, MIN_WAIT_NS, SEGMENT_NS, Held, monitor
 
 current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
@@ -248,38 +248,50 @@ class Trace:
             self.statements,
         )
 
-    def to_json(self) -> str:
-        """The record file's line for this trace: ``to_record().to_json()`` without
-        building the record (the writer thread runs this once per request)."""
+    def line(self) -> bytes:
+        """The record file's line for this trace (UTF-8, no newline): what
+        ``to_record().to_json()`` gives, without building the record."""
         start = self.start_ns
-        db_ns, pool_ns, spans, dropped = self.spans()
-        segments = ",".join(
-            [
-                f'["{k}",{(a - start) // 1000 / 1000!r},{(b - start) // 1000 / 1000!r}]'
-                for a, k, b in spans
+        cpu = self.cpu
+        if self.db or self.pool or self.loop:
+            db_ns, pool_ns, spans, dropped = self.spans()
+            segments = [
+                (k, (a - start) // 1000 / 1000, (b - start) // 1000 / 1000) for a, k, b in spans
             ]
+        else:  # CPU steps only (at most MAX_INTERVALS of them), already in time order
+            db_ns = pool_ns = 0
+            dropped = self.dropped
+            segments = [
+                ("cpu", (cpu[i] - start) // 1000 / 1000, (cpu[i + 1] - start) // 1000 / 1000)
+                for i in range(0, len(cpu), 2)
+            ]
+        return line_bytes(
+            RequestLine(
+                f"{self.id_prefix}-{self.seq}",
+                self.pid,
+                self.start_unix,
+                self.method,
+                self.path,
+                self.route,
+                self.status,
+                (self.end_ns - start) // 1000 / 1000,
+                self.cpu_ns // 1000 / 1000,
+                db_ns // 1000 / 1000,
+                pool_ns // 1000 / 1000,
+                self.loop_ns // 1000 / 1000,
+                self.queries,
+                self.rss,
+                segments,
+                self.statements,
+                self.error,
+                dropped,
+                self.blocked_by,
+            )
         )
-        return request_line(
-            f"{self.id_prefix}-{self.seq}",
-            self.pid,
-            self.start_unix,
-            self.method,
-            self.path,
-            self.route,
-            self.status,
-            _ms(self.end_ns - start),
-            _ms(self.cpu_ns),
-            _ms(db_ns),
-            _ms(pool_ns),
-            self.queries,
-            self.rss,
-            segments,
-            self.error,
-            dropped,
-            _ms(self.loop_ns),
-            self.blocked_by,
-            self.statements,
-        )
+
+    def to_json(self) -> str:
+        """The record file's line for this trace, as text."""
+        return self.line().decode()
 
 
 def _cap(spans: list[tuple[int, str, int]], dropped: int) -> tuple[list[tuple[int, str, int]], int]:

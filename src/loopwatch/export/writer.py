@@ -104,7 +104,7 @@ class FileWriter:
         _live.add(self)
 
     def _reset(self) -> None:
-        self._queue: deque[_Line] = deque()
+        self._queue: deque[_Line | bytes] = deque()
         self._lock = threading.Lock()  # one drain at a time
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -117,8 +117,9 @@ class FileWriter:
         self._next_rotate = 0.0
         self._torn = False  # a failed write left part of a line at the end of the open file
 
-    def submit(self, record: _Line) -> None:
-        """Queue a record; never blocks. A full queue drops the record and counts it."""
+    def submit(self, record: _Line | bytes) -> None:
+        """Queue a record, or a line already encoded (UTF-8 JSON, no newline); never
+        blocks. A full queue drops it and counts it."""
         queue = self._queue
         if len(queue) >= self.queue_size:
             self._drop(1)
@@ -203,26 +204,29 @@ class FileWriter:
         queue = self._queue
         if not queue:
             return
-        lines: list[str] = []
+        lines: list[bytes] = []
         markers: list[_Marker] = []
         while queue:
             try:
                 rec = queue.popleft()
             except IndexError:
                 break
+            if type(rec) is bytes:  # a request's line, encoded on the loop's thread
+                lines.append(rec)
+                continue
             if type(rec) is _Marker:
                 markers.append(rec)
                 continue
             try:
-                lines.append(rec.to_json())
+                lines.append(rec.to_json().encode("utf-8", "replace"))  # type: ignore[union-attr]
             except Exception as exc:
                 self._drop(1)
                 _failures.failed("record serialisation", exc)
         try:
             if lines:
                 # JSON has no raw newline: the newlines delimit the records in the batch.
-                batch = ("\n".join(lines) + "\n").encode("utf-8", "replace")
-                self._write_batch(batch, len(lines))
+                lines.append(b"")
+                self._write_batch(b"\n".join(lines), len(lines) - 1)
         finally:
             for marker in markers:
                 marker.set()
