@@ -113,10 +113,11 @@ class LoopWatch:
         self.sample_interval = sample_interval
         self.stall_threshold = stall_threshold
         self._sinks: list[RequestSink] = list(sinks)
-        # The record file takes the closed trace itself: its writer thread turns it into a
-        # record and a line, keeping that work out of the request path.
-        self._trace_sinks: list[Callable[[Trace], None]] = []
+        # The record file takes the request's line, encoded (msgspec) as the request ends:
+        # cheaper than the record itself, and a queue of bytes holds nothing the garbage
+        # collector must walk, nor the trace.
         self._writer: FileWriter | None = None
+        self._submit: Callable[[bytes], None] | None = None
         if file is not None:
             if max_bytes is _FROM_ENV:
                 max_bytes = _env_number(
@@ -131,7 +132,7 @@ class LoopWatch:
             writer = self._writer = writer_for(
                 os.fspath(file), queue_size, max_bytes, backup_count or 0
             )
-            self._trace_sinks.append(writer.submit)
+            self._submit = writer.submit
             state.add_sink(writer.submit)
         self._spans: Spans | None = None
         if spans:
@@ -145,6 +146,7 @@ class LoopWatch:
             from .export.otel_metrics import Metrics
 
             self._metrics = Metrics(meter_provider)
+        self._on = _Exporting()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -185,16 +187,14 @@ class LoopWatch:
             await self.app(scope, receive, send)
             return
 
-        if self._spans is not None:
+        on = self._on
+        if on.tick != st.ticks:
+            self._check_otel(st.ticks)
+        if on.spans:
             try:
-                trace.otel = self._spans.begin(scope, outer)
+                trace.otel = self._spans.begin(scope, outer)  # type: ignore[union-attr]
             except Exception as exc:
                 _failures.failed("starting the request's span", exc)
-        if self._metrics is not None:
-            try:
-                self._metrics.active()  # instruments before the request's first acquire
-            except Exception as exc:
-                _failures.failed("making the metric instruments", exc)
 
         expect_trailers = False
 
@@ -244,6 +244,22 @@ class LoopWatch:
         if trace.open:  # the app returned without a final body (e.g. it never responded)
             self._end(trace, scope, root_path, None)
 
+    def _check_otel(self, tick: int) -> None:
+        """Look for an SDK's tracer and meter providers (made once found: the meter's
+        instruments then exist before the request's first acquire)."""
+        on = self._on
+        on.tick = tick
+        if self._spans is not None and not on.spans:
+            try:
+                on.spans = self._spans.tracer() is not None
+            except Exception as exc:
+                _failures.failed("starting the request's span", exc)
+        if self._metrics is not None and not on.metrics:
+            try:
+                on.metrics = self._metrics.active()
+            except Exception as exc:
+                _failures.failed("making the metric instruments", exc)
+
     def _start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
         """Time the steps of ``loop``, a loop not seen yet, and watch it: the process's
         first loop starts the sampler and the watchdog, a later one takes them over."""
@@ -271,11 +287,9 @@ class LoopWatch:
             # state) and the trace of its blocker would otherwise live until the writer
             # thread takes this trace, and along a chain of blockers, longer.
             trace.scope = trace.blocker = None
-            for trace_sink in self._trace_sinks:
-                trace_sink(trace)
-            metrics = self._metrics
-            if metrics is not None and not metrics.active():
-                metrics = None
+            if self._submit is not None:
+                self._submit(trace.line())
+            metrics = self._metrics if self._on.metrics else None
             if not self._sinks and trace.otel is None and metrics is None:
                 return
             record = trace.to_record()
@@ -297,6 +311,20 @@ class LoopWatch:
                 sink(record)
             except Exception as exc:
                 _failures.failed(f"request sink {getattr(sink, '__qualname__', sink)!r}", exc)
+
+
+class _Exporting:
+    """Whether an SDK's tracer and meter providers are there to export to. Looked up on
+    the first request, then once per sampler tick (0.5 s) while one is missing, so an
+    app that exports nothing pays one comparison per request (a look-up reads
+    ``os.environ`` while no provider is set)."""
+
+    __slots__ = ("metrics", "spans", "tick")
+
+    def __init__(self) -> None:
+        self.tick = -1
+        self.spans = False
+        self.metrics = False
 
 
 def _writing_at_shutdown(send: Send, writer: FileWriter) -> Send:

@@ -42,6 +42,9 @@ class ProcessState:
         self.ids = itertools.count(1)
         self.in_flight = 0
         self.requests = 0
+        # Sampler wake-ups: what the request path looks at to re-check, at most once a
+        # sample, what is too costly to check per request (an OpenTelemetry provider).
+        self.ticks = 0
         self.rss: int | None = None
         self.loop_thread: int | None = None
         self.loop_busy: float | None = None  # the latest sample's busy share
@@ -121,6 +124,7 @@ class ProcessState:
         last_emit = 0.0
         while True:
             time.sleep(self.interval)
+            self.ticks += 1
             try:
                 rss, uss = _memory(proc)
                 self.rss = rss
