@@ -48,6 +48,7 @@ from loopwatch import (
     wrap_connection,
     wrap_pool,
 )
+from loopwatch._capture.steps import StepTimer
 from loopwatch.record import RequestRecord
 
 from .helpers import wait_for_requests
@@ -529,6 +530,36 @@ async def test_acquire_and_release_are_not_queries(pool: InstrumentedPool) -> No
 
     rec = await in_request(body)
     assert rec.db_queries == 2
+
+
+async def test_release_task_is_not_timed_a_second_time(pool: InstrumentedPool) -> None:
+    # asyncpg releases in a task of its own (under asyncio.shield); the release's interval
+    # already covers it, so the task factory must not wrap it in a step timer as well.
+    made: list[Any] = []
+
+    def spy(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def body() -> None:
+        async with pool.acquire() as c:
+            await c.fetchval("SELECT 1")
+        c2 = await pool.acquire()
+        await pool.release(c2)
+
+    loop = asyncio.get_running_loop()
+    before = loop.get_task_factory()
+    loop.set_task_factory(spy)  # LoopWatch chains it: it sees what LoopWatch hands on
+    try:
+        rec = await in_request(body)
+    finally:
+        loop.set_task_factory(before)
+    releases = [c for c in made if getattr(c, "cr_code", None) is not None
+                and c.cr_code.co_name == "release"]  # fmt: skip
+    assert len(releases) == 2, made
+    assert not any(isinstance(c, StepTimer) for c in releases), releases
+    assert rec.db_queries == 1
+    assert len([s for s in rec.segments if s[0] == "db"]) >= 2  # the query and the resets
 
 
 async def test_acquiring_an_idle_connection_is_no_pool_wait(pool: InstrumentedPool) -> None:

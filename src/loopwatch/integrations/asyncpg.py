@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import weakref
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -105,6 +105,31 @@ async def _timed(
     if suspended and span is None and (pool or count == _IF_SUSPENDED):  # a wait, a batch
         spans.waited("pool" if pool else "db", t0, t1, connection)
     return result
+
+
+async def _released(awaitable: Awaitable[Any]) -> Any:
+    """Await a release: database time (asyncpg resets the connection), not a query.
+
+    asyncpg runs the release in a task of its own, under ``asyncio.shield``. The interval
+    recorded here covers that task from start to end, so it is not also timed step by step
+    as a task of the request's (it is made with no request current): its few microseconds
+    of CPU count as the release's DB time, as they would with any driver whose release
+    needs no task, and the request path is spared a step timer and a task factory call.
+    """
+    trace = current.get()
+    if trace is None or not trace.open:
+        return await awaitable
+    outer = scope.get()
+    if outer is not None and outer.scopes(trace) and outer.kind == "pool":
+        return await awaitable  # nothing is recorded under a timed checkout
+    step = trace.step_w0
+    token = current.set(None)
+    t0 = perf_counter_ns()
+    try:
+        return await awaitable
+    finally:
+        current.reset(token)
+        _account(trace, step, t0, False, _NEVER)
 
 
 def _unsent(exc: BaseException) -> bool:
@@ -421,13 +446,14 @@ class _Acquire:
         self._pool = pool
         self._ctx = ctx
 
-    async def __aenter__(self) -> InstrumentedConnection:
-        return await self._wait(self._ctx.__aenter__())
+    # Not coroutine functions: `async with` awaits the coroutine they return, one
+    # coroutine layer fewer for every step of an acquire or a release.
+    def __aenter__(self) -> Coroutine[Any, Any, InstrumentedConnection]:
+        return self._wait(self._ctx.__aenter__())
 
-    async def __aexit__(self, *exc_info: Any) -> None:
-        # Release awaits asyncpg's connection reset: database time, not a query.
+    def __aexit__(self, *exc_info: Any) -> Coroutine[Any, Any, None]:
         self._pool._lw_used -= 1
-        await _timed(self._ctx.__aexit__(*exc_info), count=_NEVER)
+        return _released(self._ctx.__aexit__(*exc_info))
 
     def __await__(self) -> Generator[Any, None, InstrumentedConnection]:
         return self._wait(self._ctx).__await__()
@@ -488,7 +514,7 @@ class InstrumentedPool(_Proxy):
         if isinstance(connection, InstrumentedConnection):
             connection = connection._lw_inner
         self._lw_used -= 1
-        await _timed(self._lw_inner.release(connection, timeout=timeout), count=_NEVER)
+        await _released(self._lw_inner.release(connection, timeout=timeout))
 
     execute = _via_pool("execute")
     executemany = _via_pool("executemany")
