@@ -7,6 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from random import random
 from time import perf_counter_ns
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
@@ -69,8 +70,17 @@ class LoopWatch:
     written as a ``stall`` line with the stack it blocked in. One process has one
     watchdog: the first middleware to start sets its threshold.
 
+    Sampling: with ``sample_rate`` below 1 (default ``$LOOPWATCH_SAMPLE_RATE``, else 1:
+    every request), each request is recorded in full with that probability, drawn at
+    random; the others cost about a microsecond and are only counted (in the process
+    samples' ``requests`` and ``in_flight``). A sampled request's line carries
+    ``sample_rate`` and the report scales its counts and rates by it, saying so. An
+    unsampled request gets no span and no request metrics; its steps are not timed, so a
+    sampled request it holds up sees its loop wait held by unnamed work.
+
     Raises ValueError for a non-positive ``sample_interval``, ``stall_threshold``,
-    ``max_bytes`` or ``backup_count``, or a ``query_text`` other than those above. A bad
+    ``max_bytes`` or ``backup_count``, a ``sample_rate`` outside (0, 1], or a
+    ``query_text`` other than those above. A bad ``LOOPWATCH_SAMPLE_RATE``,
     ``LOOPWATCH_STALL_MS``, ``LOOPWATCH_MAX_BYTES`` or ``LOOPWATCH_BACKUP_COUNT`` is not
     an error: it is logged once (the ``loopwatch`` logger) and the default is used, so a
     typo in a deployment's environment cannot take the app down.
@@ -93,11 +103,19 @@ class LoopWatch:
         stall_threshold: float | None = None,
         max_bytes: int | None = _FROM_ENV,
         backup_count: int | None = None,
+        sample_rate: float | None = None,
     ) -> None:
         if file is _FROM_ENV:
             file = os.environ.get("LOOPWATCH_FILE") or _DEFAULT_FILE
         if sample_interval <= 0:
             raise ValueError(f"sample_interval must be positive, not {sample_interval!r}.")
+        if sample_rate is None:
+            sample_rate = _env_number(
+                "LOOPWATCH_SAMPLE_RATE", 1.0, "a number above 0 and at most 1",
+                float, lambda r: 0 < r <= 1,
+            )  # fmt: skip
+        if not 0 < sample_rate <= 1:  # (False for NaN too)
+            raise ValueError(f"sample_rate must be above 0 and at most 1, not {sample_rate!r}.")
         if query_text not in QUERY_TEXT_MODES:
             raise ValueError(f"query_text must be 'sanitized', 'raw' or 'off', not {query_text!r}.")
         if stall_threshold is None:
@@ -111,6 +129,7 @@ class LoopWatch:
             )
         self.app = app
         self.sample_interval = sample_interval
+        self.sample_rate = float(sample_rate)
         self.stall_threshold = stall_threshold
         self._sinks: list[RequestSink] = list(sinks)
         # The record file takes the request's line, encoded (msgspec) as the request ends:
@@ -177,14 +196,24 @@ class LoopWatch:
                 self._start_watching(loop)
                 if first:
                     learn_base()
-            st.in_flight += 1
-            trace = Trace(time.time(), perf_counter_ns(), scope["method"], scope["path"])
-            trace.id_prefix = st.prefix
-            trace.seq = next(st.ids)
-            trace.scope = scope
+            if self.sample_rate < 1.0 and random() >= self.sample_rate:
+                trace = None
+            else:
+                trace = Trace(time.time(), perf_counter_ns(), scope["method"], scope["path"])
+                trace.id_prefix = st.prefix
+                trace.seq = next(st.ids)
+                trace.scope = scope
         except Exception as exc:
             _failures.failed("starting a request trace", exc)
             await self.app(scope, receive, send)
+            return
+        st.in_flight += 1
+        if trace is None:  # not sampled: counted, nothing more
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                st.in_flight -= 1
+                st.requests += 1
             return
 
         on = self._on
@@ -288,11 +317,12 @@ class LoopWatch:
             # thread takes this trace, and along a chain of blockers, longer.
             trace.scope = trace.blocker = None
             if self._submit is not None:
-                self._submit(trace.line())
+                self._submit(trace.line(None if self.sample_rate == 1.0 else self.sample_rate))
             metrics = self._metrics if self._on.metrics else None
             if not self._sinks and trace.otel is None and metrics is None:
                 return
             record = trace.to_record()
+            record.sample_rate = self.sample_rate
         except Exception as exc:
             _failures.failed("recording a request", exc)
             return

@@ -134,6 +134,9 @@ class RequestRecord:
     # Statements the app issued (an ORM statement of several round trips is one); None
     # in files written before loopwatch counted them.
     db_statements: int | None = None
+    # The share of requests recorded in full (LoopWatch's sample_rate), this one among
+    # them: it stands for 1 / sample_rate requests.
+    sample_rate: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -163,6 +166,8 @@ class RequestRecord:
             d["blocked_by"] = self.blocked_by.to_dict()
         if self.db_statements is None:
             del d["db_statements"]
+        if self.sample_rate != 1.0:
+            d["sample_rate"] = self.sample_rate
         return d
 
     def to_json(self) -> str:
@@ -188,6 +193,7 @@ class RequestRecord:
                 self.error,
                 self.segments_dropped,
                 self.blocked_by,
+                None if self.sample_rate == 1.0 else self.sample_rate,
             )
         ).decode()
 
@@ -214,6 +220,7 @@ class RequestRecord:
             loop_wait_ms=_ms(d, "loop_wait_ms") if "loop_wait_ms" in d else 0.0,
             blocked_by=None if blocked is None else BlockedBy.from_dict(blocked),
             db_statements=(None if d.get("db_statements") is None else _count(d, "db_statements")),
+            sample_rate=_rate(d) if "sample_rate" in d else 1.0,
         )
 
 
@@ -456,6 +463,7 @@ class RequestLine(msgspec.Struct, tag="request", tag_field="type", omit_defaults
     error: str | None = None
     segments_dropped: int = 0
     blocked_by: BlockedBy | None = None
+    sample_rate: float | None = None  # (omit_defaults compares floats by identity)
 
 
 _encode = msgspec.json.Encoder().encode
@@ -549,6 +557,13 @@ def _ms(d: dict[str, Any], key: str) -> float:
     v = _float(d, key)
     if not 0.0 <= v <= _MAX_MS:
         raise RecordError(f"field {key!r} must be between 0 and {_MAX_MS:.0f} ms, not {v!r}.")
+    return v
+
+
+def _rate(d: dict[str, Any]) -> float:
+    v = _float(d, "sample_rate")
+    if not 0.0 < v <= 1.0:
+        raise RecordError(f"field 'sample_rate' must be above 0 and at most 1, not {v!r}.")
     return v
 
 

@@ -248,9 +248,10 @@ class Trace:
             self.statements,
         )
 
-    def line(self) -> bytes:
+    def line(self, sample_rate: float | None = None) -> bytes:
         """The record file's line for this trace (UTF-8, no newline): what
-        ``to_record().to_json()`` gives, without building the record."""
+        ``to_record().to_json()`` gives, without building the record. ``sample_rate``:
+        the share of requests recorded in full, of which this is one (None: all are)."""
         start = self.start_ns
         cpu = self.cpu
         if self.db or self.pool or self.loop:
@@ -286,6 +287,7 @@ class Trace:
                 self.error,
                 dropped,
                 self.blocked_by,
+                sample_rate,
             )
         )
 
