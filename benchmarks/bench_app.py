@@ -16,6 +16,8 @@ BENCH_MODE=sdk-floor  diagnostic: the bare app making, through the same SDK set-
                       fewest spans any span export must: a server span per request (current
                       while the app runs) and a client span per query, no attributes beyond
                       the names; what the SDK alone costs, whoever calls it
+BENCH_MODE=lw-sampled  loopwatch with sample_rate=BENCH_SAMPLE_RATE (default 0.1): a tenth
+                      of the requests recorded in full, the rest only counted
 BENCH_MODE=lw-nofile  diagnostic: LoopWatch(file=None) and loopwatch.create_pool
 BENCH_MODE=lw-mw      diagnostic: LoopWatch (record file written) over a plain asyncpg pool
 BENCH_MODE=lw-nofile-nocpu  diagnostic: lw-nofile with the wall clock standing in for the
@@ -37,7 +39,8 @@ tortoise    Tortoise ORM's asyncpg engine, raw execute_query on connections.get(
             (a pool checkout per statement, as Tortoise does outside a transaction): bare
             Tortoise's engine, loopwatch loopwatch.integrations.tortoise's
 
-Every pool holds 4 connections. /query runs one ``SELECT 1``; /query?n=N runs N, one
+Every pool holds BENCH_POOL_SIZE connections (default 4: 32 clients wait for them; 32: none
+waits). /query runs one ``SELECT 1``; /query?n=N runs N, one
 after the other, in one checkout (Tortoise: N checkouts) and one session.
 """
 
@@ -60,12 +63,13 @@ import loopwatch
 MODE = os.environ.get("BENCH_MODE", "bare")
 DSN = os.environ["BENCH_DSN"]
 STACK = os.environ.get("BENCH_STACK", "asyncpg")
+POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "4"))
 STACKS = ("asyncpg", "sqlalchemy", "psycopg", "tortoise")
 # Modes that use loopwatch's integration of the stack (the others use the stack alone).
 INSTRUMENTED = MODE not in ("bare", "lw-mw", "otel-contrib", "sdk-floor")
 if STACK not in STACKS:
     raise SystemExit(f"BENCH_STACK={STACK}: not one of {', '.join(STACKS)}")
-if STACK != "asyncpg" and MODE not in ("bare", "loopwatch", "lw-mw", "lw-nofile"):
+if STACK != "asyncpg" and MODE not in ("bare", "loopwatch", "lw-mw", "lw-nofile", "lw-sampled"):
     raise SystemExit(f"BENCH_MODE={MODE} is for BENCH_STACK=asyncpg only")
 
 if MODE in ("otel-contrib", "loopwatch-spans", "lw-spans-nofile", "sdk-floor"):
@@ -89,8 +93,8 @@ def statements(request: Request) -> int:
 
 def make_pool() -> Any:
     if not INSTRUMENTED:
-        return asyncpg.create_pool(DSN, min_size=4, max_size=4)
-    return loopwatch.create_pool(DSN, min_size=4, max_size=4)
+        return asyncpg.create_pool(DSN, min_size=POOL_SIZE, max_size=POOL_SIZE)
+    return loopwatch.create_pool(DSN, min_size=POOL_SIZE, max_size=POOL_SIZE)
 
 
 @contextlib.asynccontextmanager
@@ -132,7 +136,9 @@ if STACK == "sqlalchemy":
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         rest = DSN.partition("://")[2]
-        engine = create_async_engine(f"postgresql+asyncpg://{rest}", pool_size=4, max_overflow=0)
+        engine = create_async_engine(
+            f"postgresql+asyncpg://{rest}", pool_size=POOL_SIZE, max_overflow=0
+        )
         app.state.session = async_sessionmaker(engine)
         try:
             yield
@@ -155,7 +161,7 @@ if STACK == "psycopg":
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pool = AsyncConnectionPool(DSN, min_size=4, max_size=4, open=False)
+        pool = AsyncConnectionPool(DSN, min_size=POOL_SIZE, max_size=POOL_SIZE, open=False)
         await pool.open(wait=True)
         app.state.pool = pool
         try:
@@ -194,7 +200,8 @@ if STACK == "tortoise":
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         url = urlsplit(DSN)
-        query = urlencode([*parse_qsl(url.query), ("minsize", "4"), ("maxsize", "4")])
+        size = str(POOL_SIZE)
+        query = urlencode([*parse_qsl(url.query), ("minsize", size), ("maxsize", size)])
         config = tortoise_config(urlunsplit(url._replace(query=query)), {"models": [__name__]})
         # The lifespan runs in another task than the requests: Tortoise's global context.
         await Tortoise.init(config=config, _enable_global_fallback=True)
@@ -241,6 +248,9 @@ if MODE == "sdk-floor":
 middleware = []
 if MODE in ("loopwatch", "loopwatch-spans", "lw-mw"):
     middleware = [Middleware(loopwatch.LoopWatch)]
+elif MODE == "lw-sampled":
+    rate = float(os.environ.get("BENCH_SAMPLE_RATE", "0.1"))
+    middleware = [Middleware(loopwatch.LoopWatch, sample_rate=rate)]
 elif MODE in ("lw-nofile", "lw-nofile-nocpu", "lw-spans-nofile"):
     middleware = [Middleware(loopwatch.LoopWatch, file=None)]
 elif MODE == "sdk-floor":

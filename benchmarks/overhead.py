@@ -73,7 +73,8 @@ HERE = Path(__file__).resolve().parent
 MODES = ["bare", "loopwatch"]
 ENDPOINTS = ["/trivial", "/query"]
 STACKS = ["asyncpg", "sqlalchemy", "psycopg", "tortoise"]
-STACK_MODES = ["bare", "loopwatch", "lw-mw", "lw-nofile"]  # for stacks other than asyncpg
+# The modes for stacks other than asyncpg.
+STACK_MODES = ["bare", "loopwatch", "lw-mw", "lw-nofile", "lw-sampled"]
 # What each stack's configurations import: the stack's libraries, loopwatch's integration.
 STACK_IMPORTS = {
     "asyncpg": ["asyncpg", "loopwatch"],
