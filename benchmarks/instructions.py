@@ -71,7 +71,15 @@ async def _drive(app: Any, target: str, count: int, concurrency: int) -> None:
 
     lifespan_scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
     lifespan = asyncio.create_task(app(lifespan_scope, events.get, lifespan_send))
-    started = await startup.get()
+    got = asyncio.ensure_future(startup.get())
+    # An app that fails to start (a mode the --before tree lacks) ends its lifespan task
+    # without a word: fail, rather than wait for the word forever.
+    await asyncio.wait({got, lifespan}, return_when=asyncio.FIRST_COMPLETED)
+    if not got.done():
+        got.cancel()
+        lifespan.result()  # raises what the app raised
+        raise RuntimeError("the app's lifespan ended before it started")
+    started = got.result()
     if started["type"] != "lifespan.startup.complete":
         raise RuntimeError(f"the app did not start: {started}")
 
