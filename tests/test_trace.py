@@ -111,3 +111,63 @@ def test_overlapping_queries_past_the_cap_count_once() -> None:
     db_ns, _, spans, _ = trace.spans()
     assert db_ns == 9 * MS
     assert spans == [(0, "db", 9 * MS)]
+
+
+def _reference_spans(trace: Trace) -> list[tuple[int, str, int]]:
+    """What is drawn, computed the generic way only: every kind's intervals sorted and
+    merged, each piece walked past every hole (the record's shortcuts take none of this
+    for one interval or two, or for a piece no hole touches)."""
+    start, end, loop = trace.start_ns, trace.end_ns, trace.loop
+    holes = list(zip(loop[::2], loop[1::2], strict=True))
+    out = [(a, "cpu", b) for a, b in zip(trace.cpu[::2], trace.cpu[1::2], strict=True)]
+    out += [(a, "loop", b) for a, b in holes if b - a >= SEGMENT_NS]
+    for kind, flat in (("db", trace.db), ("pool", trace.pool)):
+        merged: list[list[int]] = []
+        for a, b in sorted(zip(flat[::2], flat[1::2], strict=True)):
+            a, b = max(a, start), min(b, end)
+            if b <= a:
+                continue
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        for a, b in merged:
+            cut = 0
+            for h0, h1 in holes:
+                if h1 <= a or h0 >= b:
+                    continue
+                if h1 - h0 < SEGMENT_NS:
+                    cut += min(h1, b) - max(h0, a)
+                    continue
+                if h0 - cut > a:
+                    out.append((a, kind, h0 - cut))
+                cut, a = 0, max(a, h1)
+                if a >= b:
+                    break
+            if b - cut > a:
+                out.append((a, kind, b - cut))
+    return sorted(out)
+
+
+def test_the_record_draws_what_the_generic_computation_draws() -> None:
+    rng = random.Random(11)
+    for _ in range(3000):
+        trace = _trace(rng.choice([0.5, 5, 40]))
+        end = trace.end_ns
+        now = 0
+        for _ in range(rng.choice([0, 1, 2, 3, 12])):  # loop waits: disjoint, in order
+            now += rng.randint(0, end // 4)
+            length = rng.choice([rng.randint(1, SEGMENT_NS - 1), rng.randint(0, 3 * MS)])
+            trace.waited(now, now + length)
+            now += length
+        trace.cpu = sorted(rng.sample(range(end), 2 * rng.randint(0, 3)))
+        for kind in (trace.db, trace.pool):
+            for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 5])):
+                a = rng.randint(-MS, end + 100_000)
+                if kind and rng.random() < 0.3:
+                    a = rng.choice(kind)  # touching another interval, or sharing its end
+                trace.add(kind, a, a + rng.choice([rng.randint(0, 50_000), rng.randint(0, 5 * MS)]))
+        db_ns, pool_ns, spans, _ = trace.spans()
+        assert spans == _reference_spans(trace), trace
+        assert sum(b - a for a, k, b in spans if k == "db") == db_ns
+        assert sum(b - a for a, k, b in spans if k == "pool") == pool_ns

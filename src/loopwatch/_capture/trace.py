@@ -10,8 +10,6 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_right
 from contextvars import ContextVar
-from itertools import islice
-from operator import itemgetter
 from time import perf_counter_ns, thread_time_ns
 from typing import Any
 
@@ -206,17 +204,19 @@ class Trace:
             start, end = self.start_ns, self.end_ns
             # Loop waits are disjoint and in time order (each starts after the request's
             # previous step); the part of a db or pool interval inside one is loop wait.
-            holes = list(zip(loop[::2], loop[1::2], strict=True))
-            spans.extend((a, "loop", b) for a, b in holes if b - a >= SEGMENT_NS)
-            db_ns = _union(db, start, end, "db", spans, holes)
-            pool_ns = _union(pool, start, end, "pool", spans, holes)
+            h0s, h1s = loop[::2], loop[1::2]
+            for k in range(len(h0s)):
+                if h1s[k] - h0s[k] >= SEGMENT_NS:
+                    spans.append((h0s[k], "loop", h1s[k]))
+            if db:
+                db_ns = _union(db, start, end, "db", spans, h0s, h1s)
+            if pool:
+                pool_ns = _union(pool, start, end, "pool", spans, h0s, h1s)
             spans.sort()
         elif loop:
-            spans.extend(
-                (loop[i], "loop", loop[i + 1])
-                for i in range(0, len(loop), 2)
-                if loop[i + 1] - loop[i] >= SEGMENT_NS
-            )
+            for k in range(0, len(loop), 2):
+                if loop[k + 1] - loop[k] >= SEGMENT_NS:
+                    spans.append((loop[k], "loop", loop[k + 1]))
             spans.sort()
         if len(spans) > MAX_INTERVALS:
             spans, dropped = _cap(spans, dropped)
@@ -319,13 +319,40 @@ def _union(
     end: int,
     kind: str,
     out: list[tuple[int, str, int]],
-    holes: list[tuple[int, int]],
+    h0s: list[int],
+    h1s: list[int],
 ) -> int:
     """Merge overlapping intervals (two queries in ``gather`` count once), clipped to
-    ``start``-``end``, less ``holes``; append them to ``out`` and return their length."""
-    if len(flat) == 2:  # the common case: one query, or one acquire
-        a, b = max(flat[0], start), min(flat[1], end)
-        return _emit(a, b, kind, out, holes) if b > a else 0
+    ``start``-``end``, less the holes ``h0s[k]``-``h1s[k]``; append them to ``out`` and
+    return their length. (Every request's record goes through here: the common cases,
+    one interval or two, take no sort and no generic loop.)"""
+    n = len(flat)
+    if n == 2:  # one query, or one acquire
+        a, b = flat
+        if a < start:
+            a = start
+        if b > end:
+            b = end
+        return _emit(a, b, kind, out, h0s, h1s) if b > a else 0
+    if n == 4:  # a query and the reset on release, say
+        a, b, c, d = flat
+        if c < a or (c == a and d < b):
+            a, b, c, d = c, d, a, b
+        if a < start:
+            a = start
+        if b > end:
+            b = end
+        if c < start:
+            c = start
+        if d > end:
+            d = end
+        if b <= a:
+            return _emit(c, d, kind, out, h0s, h1s) if d > c else 0
+        if d <= c:
+            return _emit(a, b, kind, out, h0s, h1s)
+        if c <= b:  # overlapping (or touching): one interval
+            return _emit(a, d if d > b else b, kind, out, h0s, h1s)
+        return _emit(a, b, kind, out, h0s, h1s) + _emit(c, d, kind, out, h0s, h1s)
     total = 0
     cur_a = cur_b = -1
     for a, b in sorted(zip(flat[::2], flat[1::2], strict=True)):
@@ -336,40 +363,43 @@ def _union(
             cur_b = max(cur_b, b)
             continue
         if cur_b > cur_a:
-            total += _emit(cur_a, cur_b, kind, out, holes)
+            total += _emit(cur_a, cur_b, kind, out, h0s, h1s)
         cur_a, cur_b = a, b
     if cur_b > cur_a:
-        total += _emit(cur_a, cur_b, kind, out, holes)
+        total += _emit(cur_a, cur_b, kind, out, h0s, h1s)
     return total
 
 
-_end = itemgetter(1)
-
-
 def _emit(
-    a: int, b: int, kind: str, out: list[tuple[int, str, int]], holes: list[tuple[int, int]]
+    a: int, b: int, kind: str, out: list[tuple[int, str, int]], h0s: list[int], h1s: list[int]
 ) -> int:
-    """Append ``a``-``b`` less the (sorted, disjoint) ``holes`` to ``out``; its length.
-    A hole shorter than SEGMENT_NS does not split the segment (it is not drawn): the
-    piece it falls in ends that much earlier instead, so the pieces still add up to the
-    length."""
+    """Append ``a``-``b`` less the (sorted, disjoint) holes ``h0s[k]``-``h1s[k]`` to
+    ``out``; its length. A hole shorter than SEGMENT_NS does not split the segment (it is
+    not drawn): the piece it falls in ends that much earlier instead, so the pieces
+    still add up to the length."""
+    # The first hole ending after a (the holes are disjoint and sorted: so are their
+    # ends); a long request has thousands of both.
+    k = bisect_right(h1s, a)
+    n = len(h1s)
+    if k == n or h0s[k] >= b:  # no hole inside: the common case
+        out.append((a, kind, b))
+        return b - a
     total = cut = 0
-    # The first hole ending after a (holes are disjoint and sorted: so are their ends);
-    # a long request has thousands of both.
-    first = bisect_right(holes, a, key=_end) if len(holes) > 8 else 0
-    for h0, h1 in islice(holes, first, None):
-        if h1 <= a:
-            continue
+    while k < n:
+        h0 = h0s[k]
         if h0 >= b:
             break
+        h1 = h1s[k]
+        k += 1
         if h1 - h0 < SEGMENT_NS:
-            cut += min(h1, b) - max(h0, a)
+            cut += (h1 if h1 < b else b) - (h0 if h0 > a else a)
             continue
         if h0 - cut > a:
             out.append((a, kind, h0 - cut))
             total += h0 - cut - a
         cut = 0
-        a = max(a, h1)
+        if h1 > a:
+            a = h1
         if a >= b:
             return total
     if b - cut > a:
