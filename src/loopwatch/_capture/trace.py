@@ -7,8 +7,11 @@ milliseconds to :meth:`Trace.to_record`, called once when the request ends.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from array import array
 from bisect import bisect_right
+from collections.abc import Callable
 from contextvars import ContextVar
 from time import perf_counter_ns, thread_time_ns
 from typing import Any
@@ -17,6 +20,14 @@ from ..record import BlockedBy, RequestLine, RequestRecord, line_bytes
 from .loop import BLOCKED_NS, LONG_NS, MIN_WAIT_NS, SEGMENT_NS, Held, monitor
 
 current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
+
+# The request line formatted in C (src/loopwatch/_capture/_speedups.pyx), unless it was
+# not built (no compiler where loopwatch was installed) or LOOPWATCH_PURE_PYTHON is set.
+_compiled_line: Callable[[Any, float | None, int], bytes | None] | None = None
+if os.environ.get("LOOPWATCH_PURE_PYTHON", "") in ("", "0"):
+    with contextlib.suppress(ImportError):  # not built: the Python path
+        from ._speedups import request_line as _compiled_line
+COMPILED = _compiled_line is not None
 
 IDLE = -1
 CLOSED = -2
@@ -249,9 +260,20 @@ class Trace:
         )
 
     def line(self, sample_rate: float | None = None) -> bytes:
-        """The record file's line for this trace (UTF-8, no newline): what
+        """The record file's line for this trace (ASCII JSON, no newline): what
         ``to_record().to_json()`` gives, without building the record. ``sample_rate``:
-        the share of requests recorded in full, of which this is one (None: all are)."""
+        the share of requests recorded in full, of which this is one (None: all are).
+
+        Written by the compiled extension where it was built (byte for byte the same
+        line; :data:`COMPILED`), else by :meth:`python_line`."""
+        if _compiled_line is not None:
+            data = _compiled_line(self, sample_rate, SEGMENT_NS)
+            if data is not None:
+                return data
+        return self.python_line(sample_rate)
+
+    def python_line(self, sample_rate: float | None = None) -> bytes:
+        """:meth:`line`, in Python: the reference, and the fallback."""
         start = self.start_ns
         cpu = self.cpu
         if self.db or self.pool or self.loop:

@@ -1,0 +1,3 @@
+from typing import Any
+
+def request_line(trace: Any, sample_rate: float | None, segment_ns: int) -> bytes | None: ...
