@@ -18,6 +18,9 @@ from typing import Any, Literal
 import msgspec
 
 FORMAT_VERSION = 1
+# The smallest sample_rate a record may carry: one request in a million stands for the
+# rest; below it the weights the report scales by would mean nothing.
+MIN_SAMPLE_RATE = 1e-6
 
 SegmentKind = Literal["cpu", "db", "pool", "loop"]
 SEGMENT_KINDS: frozenset[str] = frozenset(("cpu", "db", "pool", "loop"))
@@ -562,8 +565,8 @@ def _ms(d: dict[str, Any], key: str) -> float:
 
 def _rate(d: dict[str, Any]) -> float:
     v = _float(d, "sample_rate")
-    if not 0.0 < v <= 1.0:
-        raise RecordError(f"field 'sample_rate' must be above 0 and at most 1, not {v!r}.")
+    if not MIN_SAMPLE_RATE <= v <= 1.0:
+        raise RecordError(f"field 'sample_rate' must be from 1e-06 to 1, not {v!r}.")
     return v
 
 

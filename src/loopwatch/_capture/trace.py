@@ -24,7 +24,7 @@ current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
 # The request line formatted in C (src/loopwatch/_capture/_speedups.pyx), unless it was
 # not built (no compiler where loopwatch was installed) or LOOPWATCH_PURE_PYTHON is set.
 _compiled_line: Callable[[Any, float | None, int], bytes | None] | None = None
-if os.environ.get("LOOPWATCH_PURE_PYTHON", "") in ("", "0"):
+if os.environ.get("LOOPWATCH_PURE_PYTHON", "").lower() in ("", "0", "false", "no", "off"):
     with contextlib.suppress(ImportError):  # not built: the Python path
         from ._speedups import request_line as _compiled_line
 COMPILED = _compiled_line is not None
