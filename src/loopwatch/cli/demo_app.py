@@ -99,6 +99,7 @@ def _create_starlette(dsn: str) -> Starlette:
             Route("/hash/{item_id:int}", hash_password),
             Route("/sleep/{item_id:int}", sleep),
         ],
-        middleware=[Middleware(LoopWatch)],
+        # Every request recorded, whatever LOOPWATCH_SAMPLE_RATE says: the demo draws them all.
+        middleware=[Middleware(LoopWatch, sample_rate=1.0)],
         lifespan=lifespan,
     )
