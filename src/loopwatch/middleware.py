@@ -72,9 +72,9 @@ class LoopWatch:
 
     Sampling: with ``sample_rate`` below 1 (default ``$LOOPWATCH_SAMPLE_RATE``, else 1:
     every request), each request is recorded in full with that probability, drawn at
-    random; the others cost a few microseconds (about 1 µs in-process, 3–4 µs of a
-    server's CPU) and are only counted (in the process
-    samples' ``requests`` and ``in_flight``). A sampled request's line carries
+    random; the others cost a few microseconds (about 1 µs in-process, 3 to 4 µs of a
+    server's CPU) and are only counted (in the process samples' ``requests`` and
+    ``in_flight``). A sampled request's line carries
     ``sample_rate`` and the report scales its counts and rates by it, saying so. An
     unsampled request gets no span and no request metrics; its steps are not timed, so a
     sampled request it holds up sees its loop wait held by unnamed work.

@@ -8,22 +8,25 @@ them, picks the timeline's window and reads just the window's records again in f
 from __future__ import annotations
 
 import heapq
-from array import array
-from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import and_, ge, le
 from typing import Any
 
 from ..record import RequestRecord
 from ..renderers.text import clean, fmt_count, fmt_ms, fmt_time
+from . import background as _background
 from . import capacity as _capacity
 from . import diagnosis as _diagnosis
 from . import loop as _loop
 from . import summary as _summary
 from .capacity import Capacity
 from .loop import LoopStats, summarise_loop
-from .queueing import sync_workers, traffic
-from .reading import MAX_ROUTES, SAMPLE_SLACK_S, Reading, read_files, read_records
+from .pass2 import read_records
+from .queueing import sync_workers, traffic_of
+from .reading import MAX_ROUTES, Reading, read_files
+from .slowpath import SAMPLE_SLACK_S
 from .summary import Summary
 
 __all__ = [
@@ -125,19 +128,21 @@ def build_report(paths: Sequence[str], options: ReportOptions) -> Report:
     try:
         if not reading.start:
             raise ReportError(_nothing(reading, scope))
-        summary = _summary.summarise(reading)
-        sync = sync_workers(
-            traffic(
-                reading.start,
-                reading.wall,
-                reading.pool,
-                reading.loop,
-                summary.in_flight.busy_s,
-                summary.wall.p95 / 1000,
-            )
-        )
+        # The sync workers' replays take longest: a helper process, if there is one,
+        # works them out while this one does the rest.
+        _background.start(reading)
+        routes = _summary.route_table(reading)
+        wall = _summary.wall_distribution(reading)
+        _background.give_p95(reading, wall.p95 / 1000)
+        summary = _summary.summarise(reading, routes, wall, lambda: _background.spans(reading))
         loop = summarise_loop(reading.loops, summary.first_start, summary.last_end, SAMPLE_SLACK_S)
         indices, title = _window(reading, summary, options)
+        sync = _background.sync_workers(reading)
+        if sync is None:
+            flight = summary.in_flight
+            sync = sync_workers(
+                traffic_of(reading.start, reading.service, flight.busy_s, wall.p95 / 1000)
+            )
         window, failed = read_records(reading, indices)
     finally:
         reading.close()
@@ -212,19 +217,21 @@ def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], 
             "at once: no busiest moment to show)"
         )
     title = f"busiest moment: {fmt_count(peak, 'request')} in flight at {fmt_time(at, True)} UTC"
-    if peak > 1:
-        longest_at, lasted, moments = _longest_peak(r, peak)
-        if moments > 1:  # the first is not always the one worth drawing
-            at = longest_at
-            title = (
-                f"busiest moment: {fmt_count(peak, 'request')} in flight at "
-                f"{fmt_time(at, True)} UTC for {fmt_ms(round(lasted * 1000, 3))}, the "
-                f"longest of {fmt_count(moments, 'time')}"
-            )
+    if peak > 1 and s.in_flight.moments > 1:  # the first is not always the one worth drawing
+        at = s.in_flight.longest_at
+        title = (
+            f"busiest moment: {fmt_count(peak, 'request')} in flight at "
+            f"{fmt_time(at, True)} UTC for {fmt_ms(round(s.in_flight.longest_s * 1000, 3))}, "
+            f"the longest of {fmt_count(s.in_flight.moments, 'time')}"
+        )
+    # The requests in flight at `at`: of those started at most the longest wall time
+    # before it (and a second, for rounding), found in C first, those not ended.
+    since = at - max(r.wall) / 1000 - 1.0
+    near = map(and_, map(le, repeat(since), r.start), map(ge, repeat(at), r.start))
     inside = [
         i
-        for i, (a, w) in enumerate(zip(r.start, r.wall, strict=True))
-        if a <= at and (at < a + w / 1000 or a == at)
+        for i in compress(range(n), near)
+        if (a := r.start[i]) <= at and (at < a + r.wall[i] / 1000 or a == at)
     ]
     if len(inside) <= options.rows:
         return inside, title
@@ -238,33 +245,6 @@ def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], 
         return (-(min(a + w / 1000, hi) - max(a, lo)), w)
 
     return sorted(inside, key=key)[: options.rows], f"{title} ({options.rows} shown)"
-
-
-def _longest_peak(r: Reading, peak: int) -> tuple[float, float, int]:
-    """Of the instants ``peak`` requests were in flight (counted as ``summary.in_flight``
-    counts them), the one the count stayed at longest from (the first of equals), how long
-    it stayed (until the first of them ended), and how many such instants there were."""
-    starts = array("d", sorted(r.start))
-    ends = array("d", sorted(a + w / 1000 for a, w in zip(r.start, r.wall, strict=True)))
-    # The ends of the requests that are in flight at some instant: one that ends where it
-    # starts is in flight at none, so its end does not end a peak.
-    lasting = array(
-        "d", sorted(e for a, w in zip(r.start, r.wall, strict=True) if (e := a + w / 1000) > a)
-    )
-    best, longest, moments = 0.0, -1.0, 0
-    i, j, n = 0, 0, len(starts)
-    while i < n:
-        x = starts[i]
-        k = bisect_right(starts, x, i)
-        while j < n and ends[j] <= x:
-            j += 1
-        if k - j == peak:
-            moments += 1
-            lasted = lasting[bisect_right(lasting, x)] - x
-            if lasted > longest:
-                best, longest = x, lasted
-        i = k
-    return best, longest, moments
 
 
 def _scope(options: ReportOptions) -> str:

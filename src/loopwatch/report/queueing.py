@@ -15,8 +15,14 @@ from __future__ import annotations
 import heapq
 import math
 from array import array
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from operator import add, eq, le
+
+from .quantiles import argsort, sorted_array
+from .sweep import counts
 
 # Same throughput: the replay's busy time (any request queued or in service) may exceed
 # the busy time measured by this share, the noise of a throughput measurement.
@@ -56,17 +62,27 @@ def traffic(
     """A :class:`Traffic` from per-request ``starts`` (Unix s), ``walls``,
     ``pool_waits`` and ``loop_waits`` (ms; a sync worker would not spend the waits),
     with the async side's busy time and p95 wall time (s)."""
-    order = sorted(range(len(starts)), key=starts.__getitem__)
-    services = [
-        max(0.0, w - p - x) / 1000 for w, p, x in zip(walls, pool_waits, loop_waits, strict=True)
-    ]
+    services = array(
+        "d",
+        (max(0.0, w - p - x) / 1000 for w, p, x in zip(walls, pool_waits, loop_waits, strict=True)),
+    )
+    return traffic_of(starts, services, busy_s, p95_s)
+
+
+def traffic_of(
+    starts: Sequence[float], services: Sequence[float], busy_s: float, p95_s: float
+) -> Traffic:
+    """:func:`traffic` from each request's service time (s) already worked out."""
+    if all(map(le, starts, islice(starts, 1, None))):  # in order already
+        return Traffic(array("d", starts), array("d", services), busy_s, p95_s)
+    order = argsort(starts)
     traffic = Traffic(
         array("d", map(starts.__getitem__, order)),
         array("d", map(services.__getitem__, order)),
         busy_s,
         p95_s,
     )
-    del order, services
+    del order
     return traffic
 
 
@@ -108,15 +124,39 @@ def replay(
 
 def most_concurrent(t: Traffic) -> int:
     """The most requests in service at once with a worker each: no queueing at all."""
+    return concurrency(t)[0]
+
+
+def concurrency(t: Traffic) -> tuple[int, list[int]]:
+    """most_concurrent(), and how many requests found each number in service (with
+    themselves) when they arrived."""
+    if not len(t.arrivals):
+        return 0, [0]
+    ends = array("d", map(add, t.arrivals, t.services))
+    if any(map(eq, ends, t.arrivals)):  # a request that ends as it arrives
+        return _concurrency(t)
+    # With no such request, those ended by an arrival are among those before it.
+    ends = sorted_array(ends)
+    seen = Counter(counts(t.arrivals, ends, ties=False))
+    del ends
+    top = max(seen)
+    return top, [seen.get(c, 0) for c in range(top + 1)]
+
+
+def _concurrency(t: Traffic) -> tuple[int, list[int]]:
     ends: list[float] = []
-    most = 0
+    seen = [0]
+    pop, push = heapq.heappop, heapq.heappush
     for a, s in zip(t.arrivals, t.services, strict=True):
         while ends and ends[0] <= a:
-            heapq.heappop(ends)
-        heapq.heappush(ends, a + s)
-        if len(ends) > most:
-            most = len(ends)
-    return most
+            pop(ends)
+        push(ends, a + s)
+        c = len(ends)
+        if c < len(seen):
+            seen[c] += 1
+        else:
+            seen.append(1)
+    return len(seen) - 1, seen
 
 
 @dataclass(frozen=True)
@@ -128,32 +168,88 @@ class SyncWorkers:
     same_latency: int | None
 
 
-def sync_workers(t: Traffic) -> SyncWorkers:
-    """The smallest W whose replay meets each figure.
+def sync_workers(t: Traffic, crowd: tuple[int, list[int]] | None = None) -> SyncWorkers:
+    """The smallest W whose replay meets each figure (``crowd``: concurrency(t), if
+    already worked out).
 
     With a worker for every request in service at once no request queues, so the
     latencies are the service times, none longer than the wall time it came from, and
     the busy time is within the one measured: that W meets both. Fewer workers only
-    queue more (FIFO, the same arrivals), so each test is monotonic in W. The search
-    starts from the work-conserving bound, total service over busy time, near which
-    the answers lie, and brackets the edge from there.
+    queue more (FIFO, the same arrivals), so each test is monotonic in W. Each search
+    starts near where its answer lies and brackets the edge from there.
     """
-    n = len(t.arrivals)
-    if n == 0:
+    if not len(t.arrivals):
         return SyncWorkers(None, None)
-    top = most_concurrent(t)
-    allowed_late = n - max(1, (95 * n + 99) // 100)
+    crowd = concurrency(t) if crowd is None else crowd
+    return SyncWorkers(same_throughput(t, crowd), same_latency(t, crowd))
+
+
+def same_throughput(t: Traffic, crowd: tuple[int, list[int]]) -> int:
+    """sync_workers()' same_throughput, searched from the work-conserving bound: total
+    service over busy time (``t.p95_s`` is not used)."""
     max_busy = t.busy_s * (1 + THROUGHPUT_SLACK)
 
-    def same_latency(w: int) -> bool:
-        return replay(t, w, limit_s=t.p95_s, max_late=allowed_late).complete
+    def test(w: int) -> bool:
+        return _busy_within(t, w, max_busy)
 
-    def same_throughput(w: int) -> bool:
-        return replay(t, w, max_busy_s=max_busy).complete
+    return _smallest(test, math.ceil(sum(t.services) / max_busy) if max_busy > 0 else 1, crowd[0])
 
-    guess = math.ceil(sum(t.services) / max_busy) if max_busy > 0 else 1
-    throughput = _smallest(same_throughput, guess, top)
-    return SyncWorkers(throughput, _smallest(same_latency, throughput, top))
+
+def same_latency(t: Traffic, crowd: tuple[int, list[int]]) -> int:
+    """sync_workers()' same_latency, searched from the fewest workers that no more
+    requests than may be late would find all busy if none queued (``t.busy_s`` is not
+    used)."""
+    n = len(t.arrivals)
+    allowed_late = n - max(1, (95 * n + 99) // 100)
+
+    def test(w: int) -> bool:
+        return _on_time(t, w, t.p95_s, allowed_late)
+
+    # If none queued, a request would find all of W workers busy if it were the W+1-th
+    # in service (or later).
+    top, seen = crowd
+    crowded, w = 0, top
+    while w > 1 and crowded + seen[w] <= allowed_late:
+        crowded += seen[w]
+        w -= 1
+    return _smallest(test, w, top)
+
+
+def _on_time(t: Traffic, workers: int, limit_s: float, max_late: int) -> bool:
+    """``replay(t, workers, limit_s, max_late).complete``, for less."""
+    free = [-math.inf] * workers
+    replace = heapq.heapreplace
+    late = 0
+    for a, s in zip(t.arrivals, t.services, strict=True):
+        f = free[0]
+        end = (a if a > f else f) + s
+        replace(free, end)
+        if end - a > limit_s:
+            late += 1
+            if late > max_late:
+                return False
+    return True
+
+
+def _busy_within(t: Traffic, workers: int, max_busy_s: float) -> bool:
+    """``replay(t, workers, max_busy_s=max_busy_s).complete``, for less."""
+    free = [-math.inf] * workers
+    replace = heapq.heapreplace
+    busy = 0.0
+    b0 = b1 = t.arrivals[0] if len(t.arrivals) else 0.0
+    for a, s in zip(t.arrivals, t.services, strict=True):
+        f = free[0]
+        end = (a if a > f else f) + s
+        replace(free, end)
+        if a > b1:
+            busy += b1 - b0
+            b0 = a
+            b1 = end
+        elif end > b1:
+            b1 = end
+            if busy + b1 - b0 > max_busy_s:
+                return False
+    return True
 
 
 def _smallest(test: Callable[[int], bool], guess: int, top: int) -> int:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_LINE = 1 << 20  # longer lines are skipped, and never held in memory whole
-CHUNK = 1 << 18
+CHUNK = 1 << 18  # read from a pipe at a time
+BLOCK = 1 << 16  # read from a regular file, and decoded, at a time
 # A pipe is read until its writer closes it, but never more than this much, nor longer
 # than this in all, and it is given up once nothing has arrived for PIPE_IDLE_S (also
 # when no process ever opens a FIFO for writing).
@@ -159,67 +160,81 @@ def _refused(mode: int) -> str | None:
     return f"{kind}, not a regular file or a pipe"
 
 
-class Lines:
-    """The lines of a Source as ``(offset, line)``, the line without its newline, or None
-    for a line longer than MAX_LINE (skipped as it is scanned, never held whole).
+class Blocks:
+    """The lines of a Source, many at a time: ``(offset, data)`` with ``data`` whole lines,
+    each ending in a newline, or ``(offset, None)`` for one line longer than MAX_LINE
+    (skipped as it is scanned, never held whole).
 
-    A last line without a newline is a line when it is whole JSON; otherwise it is a
-    record still being written, left out and flagged in ``incomplete_tail``."""
+    A regular file is read from ``start`` (a line's start) up to ``end`` (its size when it
+    was opened, unless given). A last line without a newline is a line when it is whole
+    JSON (it is then given one); otherwise it is a record still being written, left out and
+    flagged in ``incomplete_tail``."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, start: int = 0, end: int | None = None) -> None:
         self.source = source
+        self.start = start
+        self.end = source.size if end is None else end
         self.incomplete_tail = False
 
     def __iter__(self) -> Iterator[tuple[int, bytes | None]]:
         src = self.source
         if src.fd is None:
             return
-        chunks = _pipe_chunks(src, src.fd) if src.pipe else _file_chunks(src.fd, src.size)
-        start = 0  # where the unfinished line starts
+        if src.pipe:
+            chunks = _pipe_chunks(src, src.fd)
+        else:
+            chunks = _file_chunks(src.fd, self.start, self.end)
+        pos = self.start  # where the unfinished line starts
         carry = b""  # its bytes so far, or
         over = 0  # its length so far once past MAX_LINE (carry is then dropped)
-        for chunk in chunks:
-            parts = chunk.split(b"\n")
-            rest = parts.pop()
-            if parts:
-                first = parts[0]
-                n = over + len(carry) + len(first)
-                if over or n > MAX_LINE:
-                    yield start, None
+        for chunk in chunks:  # (never longer than MAX_LINE)
+            last = chunk.rfind(b"\n")
+            if last < 0:
+                if over:
+                    over += len(chunk)
                 else:
-                    yield start, carry + first if carry else first
-                start += n + 1
-                carry, over = b"", 0
-                for i in range(1, len(parts)):
-                    part = parts[i]
-                    n = len(part)
-                    yield start, (None if n > MAX_LINE else part)
-                    start += n + 1
-            if over:
-                over += len(rest)
-            elif rest:
-                carry += rest
-                if len(carry) > MAX_LINE:
-                    over, carry = len(carry), b""
+                    carry += chunk
+                    if len(carry) > MAX_LINE:
+                        over, carry = len(carry), b""
+                continue
+            first = chunk.find(b"\n")
+            if over or len(carry) + first > MAX_LINE:
+                yield pos, None
+                pos += over + len(carry) + first + 1
+                data = chunk[first + 1 : last + 1]
+            else:
+                data = carry + chunk[: last + 1] if carry else chunk[: last + 1]
+            carry, over = chunk[last + 1 :], 0
+            if data:
+                yield pos, data
+                pos += len(data)
         if over:
-            yield start, None
+            yield pos, None
         elif carry:
             try:
                 decode(carry)
             except (ValueError, RecursionError):
                 self.incomplete_tail = True  # a writer is mid-line: not an error
             else:
-                yield start, carry
+                yield pos, carry + b"\n"
 
 
-def _file_chunks(fd: int, size: int) -> Iterator[bytes]:
-    left = size
-    while left > 0:
-        chunk = os.read(fd, min(CHUNK, left))
+def _file_chunks(fd: int, start: int, end: int) -> Iterator[bytes]:
+    at = start
+    while at < end:
+        # pread: the descriptor may be shared with a process reading another part.
+        chunk = pread(fd, min(BLOCK, MAX_LINE, end - at), at)
         if not chunk:  # truncated since it was opened
             return
-        left -= len(chunk)
+        at += len(chunk)
         yield chunk
+
+
+def pread(fd: int, n: int, at: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, at)
+    os.lseek(fd, at, os.SEEK_SET)  # (Windows)
+    return os.read(fd, n)
 
 
 def _pipe_chunks(src: Source, fd: int) -> Iterator[bytes]:
@@ -229,7 +244,7 @@ def _pipe_chunks(src: Source, fd: int) -> Iterator[bytes]:
     writer = False  # a writer has been seen: an empty read is then the end
     while True:
         try:
-            chunk: bytes | None = os.read(fd, min(CHUNK, PIPE_MAX_BYTES - total))
+            chunk: bytes | None = os.read(fd, min(CHUNK, MAX_LINE, PIPE_MAX_BYTES - total))
         except BlockingIOError:
             chunk, writer = None, True
         now = time.monotonic()

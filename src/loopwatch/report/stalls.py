@@ -8,6 +8,7 @@ locations and routes repeat, so each distinct one is kept once and stalls point 
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,6 @@ MAX_LOCATIONS = 1000  # distinct stall locations kept apart; the rest share one
 MAX_STALL_ROUTES = 1000
 OTHER_LOCATION: Frame = ("(other locations)", 0, "", False)
 OTHER_ROUTE = "(other routes)"
-_MAX_MS = 1e10  # as record._MAX_MS
 
 _NAN = float("nan")
 
@@ -64,17 +64,14 @@ class LoopAcc:
         self.stall_loc.append(self._location(s.location))
         self.stall_route.append(self._route(s.route))
 
-    def add_loop_segments(self, pid: int, start: float, segments: Any) -> None:
-        """Keep a request's ``["loop", a, b]`` segments (``segments`` as read: unchecked;
-        malformed ones are left out, as the reference parser would reject the line)."""
+    def add_loop_segments(
+        self, pid: int, start: float, segments: Iterable[tuple[str, float, float]]
+    ) -> None:
+        """Keep a request's ``("loop", a, b)`` segments, from a request line the
+        reference parser accepts (its known kinds are checked)."""
         kept = False
-        for seg in segments:
-            if type(seg) is not list or len(seg) != 3 or seg[0] != "loop":
-                continue
-            a, b = seg[1], seg[2]
-            if type(a) not in (int, float) or type(b) not in (int, float):
-                continue
-            if not 0.0 <= a <= b <= _MAX_MS:  # also drops NaN
+        for kind, a, b in segments:
+            if kind != "loop":
                 continue
             self.seg_pid.append(pid)
             self.seg_start.append(start + a / 1000)
@@ -83,6 +80,43 @@ class LoopAcc:
             kept = True
         if kept:
             self.delayable += 1
+
+    def can_extend(self, other: LoopAcc) -> bool:
+        """Whether :meth:`extend` keeps apart every location and route reading on would."""
+        new_locations = sum(1 for v in other.locations if v not in self._loc_index)
+        new_routes = sum(1 for v in other.routes if v not in self._route_index)
+        return (
+            len(other.locations) < MAX_LOCATIONS
+            and len(other.routes) < MAX_STALL_ROUTES
+            and len(self.locations) + new_locations <= MAX_LOCATIONS
+            and len(self.routes) + new_routes <= MAX_STALL_ROUTES
+        )
+
+    def extend(self, other: LoopAcc) -> None:
+        """Add what ``other`` kept of the lines after those this one kept."""
+        self.sample_time += other.sample_time
+        self.sample_busy += other.sample_busy
+        self.sample_lag += other.sample_lag
+        locations = [
+            _intern(v, self._loc_index, self.locations, MAX_LOCATIONS, OTHER_LOCATION)
+            for v in other.locations
+        ]
+        routes = [
+            _intern(v, self._route_index, self.routes, MAX_STALL_ROUTES, OTHER_ROUTE)
+            for v in other.routes
+        ]
+        self.stall_time += other.stall_time
+        self.stall_ms += other.stall_ms
+        self.stall_cpu += other.stall_cpu
+        self.stall_cpu_bound += other.stall_cpu_bound
+        self.stall_pid += other.stall_pid
+        self.stall_loc.extend(map(locations.__getitem__, other.stall_loc))
+        self.stall_route.extend(map(routes.__getitem__, other.stall_route))
+        self.seg_pid += other.seg_pid
+        self.seg_start += other.seg_start
+        self.seg_end += other.seg_end
+        self.seg_request.extend(map(self.delayable.__add__, other.seg_request))
+        self.delayable += other.delayable
 
     def _location(self, frame: Frame | None) -> int:
         if frame is not None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import heapq
 from array import array
-from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from ..renderers.text import (
@@ -22,7 +22,10 @@ from ..renderers.text import (
     width_of,
     wrap,
 )
+from .quantiles import PARTS, largest, percentiles, sorted_parts
+from .quantiles import merged as merged_sorted
 from .reading import Reading, RouteAcc
+from .sweep import InFlight, Spans, in_flight
 
 ROUTE_ROWS = 20
 
@@ -43,57 +46,18 @@ class Distribution:
     max: float
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> Distribution:
+    def of(cls, values: Iterable[float]) -> Distribution:
         s = sorted(values)
         return cls(percentile(s, 50), percentile(s, 95), percentile(s, 99), s[-1] if s else 0.0)
 
+    @classmethod
+    def of_parts(cls, parts: Sequence[Sequence[float]]) -> Distribution:
+        """Distribution.of() the values of the sorted ``parts``."""
+        p50, p95, p99 = percentiles(parts, (50, 95, 99))
+        return cls(p50, p95, p99, largest(parts))
+
     def to_json(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in vars(self).items()}
-
-
-@dataclass(frozen=True)
-class InFlight:
-    peak: int
-    p95: int
-    at: float  # Unix s: the first instant the peak was reached
-    busy_s: float = 0.0  # how long any request was in flight (the union of their spans)
-
-
-def in_flight(starts: Sequence[float], walls: Sequence[float]) -> InFlight:
-    """Requests in flight at once across every process, seen at each request's start.
-
-    A request is in flight over [start, start + wall): one that ends exactly when another
-    starts does not overlap it. The count seen at a start includes the request itself.
-    """
-    # Sorted as lists of floats (32 bytes an item), kept as arrays (8): a million
-    # requests would otherwise hold 64 MB here.
-    s = array("d", sorted(starts))
-    ends = [a + w / 1000 for a, w in zip(starts, walls, strict=True)]
-    ends.sort()
-    e = array("d", ends)
-    del ends
-    n = len(s)
-    counts = array("I")
-    peak, at, j = 0, 0.0, 0
-    busy, since, ended = 0.0, s[0] if n else 0.0, 0
-    for i, x in enumerate(s):
-        while j < n and e[j] <= x:
-            j += 1
-        while ended < n and e[ended] < x:  # (only requests that started before x)
-            ended += 1
-        if ended == i and i:  # none in flight just before x: a busy period ended
-            busy += e[i - 1] - since
-            since = x
-        # Requests starting at the same instant are all in flight at it.
-        k = i + 1 if i + 1 == n or s[i + 1] != x else bisect_right(s, x, i)
-        c = max(k - j, 1)
-        counts.append(c)
-        if c > peak:
-            peak, at = c, x
-    if n:
-        busy += e[n - 1] - since
-    del s, e
-    return InFlight(peak, int(percentile(sorted(counts), 95)), at, busy)
 
 
 @dataclass(frozen=True)
@@ -142,12 +106,16 @@ class RouteStats:
 
 def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteStats], int]:
     """A row per method of each route (one for the requests with no route) by total wall
-    time, at most ``rows`` (the rest in one row); and how many rows there were."""
+    time, at most ``rows`` (the rest in one row); and how many rows there were. Sorts
+    each row's wall times, in place."""
     accs = list(reading.routes.values())
     other = reading.other_routes  # past MAX_ROUTES: always in the last row, never a route's
+    for a in reading.rows():
+        a.walls = array("d", sorted(a.walls))
     count = len(accs) + (other is not None)
     keep = rows if count <= rows and other is None else rows - 1
-    top = heapq.nlargest(keep, accs, key=lambda a: a.wall)
+    walls = {id(a): sum(a.walls) for a in accs}
+    top = heapq.nlargest(keep, accs, key=lambda a: walls[id(a)])
     out = [
         _route_stats(a, "(no route)")
         if a.route is None
@@ -160,18 +128,8 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
     if rest:
         merged = RouteAcc(None)
         for a in rest:
-            merged.count += a.count
-            merged.wall += a.wall
-            merged.cpu += a.cpu
-            merged.db += a.db
-            merged.pool += a.pool
-            merged.loop += a.loop
-            merged.queries += a.queries
-            merged.statements += a.statements
-            merged.statements_known += a.statements_known
-            merged.errors += a.errors
-            merged.client_errors += a.client_errors
-            merged.walls.extend(a.walls)
+            merged.extend(a)
+        merged.walls = array("d", merged_sorted(a.walls for a in rest))
         label = f"({len(rest)} more routes)"
         if other is not None:
             label = "(all other routes)"  # more routes than were told apart
@@ -180,7 +138,7 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
 
 
 def _route_stats(a: RouteAcc, name: str, method: str | None = None) -> RouteStats:
-    walls = sorted(a.walls)
+    walls = a.walls  # (sorted)
     n = max(a.count, 1)
     return RouteStats(
         route=name,
@@ -189,15 +147,23 @@ def _route_stats(a: RouteAcc, name: str, method: str | None = None) -> RouteStat
         requests=a.count,
         wall_p50=percentile(walls, 50),
         wall_p95=percentile(walls, 95),
-        cpu_mean=a.cpu / n,
-        db_mean=a.db / n,
-        pool_mean=a.pool / n,
-        loop_mean=a.loop / n,
+        cpu_mean=sum(a.cpus) / n,
+        db_mean=sum(a.dbs) / n,
+        pool_mean=sum(a.pools) / n,
+        loop_mean=sum(a.loops) / n,
         statements_mean=a.statements / a.statements_known if a.statements_known else None,
         queries_mean=a.queries / n,
         errors=a.errors,
-        wall_total=a.wall,
+        wall_total=sum(walls),
     )
+
+
+def wall_distribution(r: Reading) -> Distribution:
+    """The Distribution of wall times, once route_table() has sorted the rows'."""
+    rows = [a.walls for a in r.rows()]
+    if len(rows) > PARTS:
+        rows = sorted_parts(chain.from_iterable(rows), len(r.wall))
+    return Distribution.of_parts(rows)
 
 
 @dataclass(frozen=True)
@@ -251,8 +217,31 @@ class Summary:
     loop_total: float = 0.0
 
 
-def summarise(r: Reading) -> Summary:
-    """Everything but the window, from pass 1's arrays. ``r`` must hold a request."""
+def summarise(
+    r: Reading,
+    routes: tuple[list[RouteStats], int],
+    wall: Distribution,
+    sorted_spans: Callable[[], Spans | None] = lambda: None,
+) -> Summary:
+    """Everything but the window, from pass 1's arrays, route_table(),
+    wall_distribution() and in_flight() (given the spans ``sorted_spans`` gives, if
+    any). ``r`` must hold a request; its rows' times other than the walls are freed (a
+    million requests hold 32 MB in them) before in_flight() sorts or is given spans."""
+    rows = r.rows()
+    n = len(r.start)
+    times = {}
+    for name in ("cpus", "dbs", "pools", "loops"):
+        values = [getattr(a, name) for a in rows]
+        total = sum(sum(v) for v in values)
+        if len(values) <= PARTS:
+            parts = [array("d", sorted(v)) for v in values]
+        else:
+            parts = sorted_parts(chain.from_iterable(values), n)
+        times[name] = (Distribution.of_parts(parts), total)
+        del values, parts
+        for a in rows:
+            setattr(a, name, array("d"))
+    flight = in_flight(r.start, r.wall, sorted_spans())
     wall_sum = sum(r.wall)
     procs = [
         ProcessMemory(
@@ -269,26 +258,25 @@ def summarise(r: Reading) -> Summary:
         )
         for p in sorted(r.processes.values(), key=lambda p: p.pid)
     ]
-    routes, route_count = route_table(r)
     return Summary(
-        requests=len(r.start),
-        wall=Distribution.of(r.wall),
-        cpu=Distribution.of(r.cpu),
-        db=Distribution.of(r.db),
-        pool=Distribution.of(r.pool),
-        loop=Distribution.of(r.loop),
-        cpu_share=sum(r.cpu) / wall_sum if wall_sum > 0 else 0.0,
-        in_flight=in_flight(r.start, r.wall),
-        first_start=min(r.start),
-        last_end=max(a + w / 1000 for a, w in zip(r.start, r.wall, strict=True)),
+        requests=n,
+        wall=wall,
+        cpu=times["cpus"][0],
+        db=times["dbs"][0],
+        pool=times["pools"][0],
+        loop=times["loops"][0],
+        cpu_share=times["cpus"][1] / wall_sum if wall_sum > 0 else 0.0,
+        in_flight=flight,
+        first_start=flight.first_start,
+        last_end=flight.last_end,
         errors=r.errors,
         processes=procs,
-        routes=routes,
-        route_count=route_count,
+        routes=routes[0],
+        route_count=routes[1],
         wall_total=wall_sum,
-        db_total=sum(r.db),
-        pool_total=sum(r.pool),
-        loop_total=sum(r.loop),
+        db_total=times["dbs"][1],
+        pool_total=times["pools"][1],
+        loop_total=times["loops"][1],
     )
 
 
