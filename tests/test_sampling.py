@@ -119,3 +119,50 @@ def test_the_record_reads_its_sample_rate() -> None:
 def test_a_record_with_an_impossible_sample_rate_is_refused(bad: Any) -> None:
     with pytest.raises(RecordError, match="sample_rate"):
         parse_line(_line(sample_rate=bad))
+
+
+# --- the report of a sampled file -------------------------------------------------------
+
+
+def _sampled(rec: RequestRecord, rate: float) -> RequestRecord:
+    rec.sample_rate = rate
+    return rec
+
+
+def test_the_report_scales_the_count_of_sampled_requests_and_says_so(tmp_path: Path) -> None:
+    from .test_report import everything, record_file, report_of, req
+
+    recs = [_sampled(req(i * 0.01, 5.0), 0.1) for i in range(10)]
+    recs += [req(0.2 + i * 0.01, 5.0) for i in range(5)]  # a process that records them all
+    report = report_of(record_file(tmp_path, recs))
+    data = report.to_json()
+    assert data["requests"] == 15
+    assert data["sampled_requests"] == 10
+    assert data["requests_estimated"] == 105
+    text = everything(report)
+    assert "Sampled: 67% of these requests" in text
+    assert "about 105 requests in all" in text
+
+
+def test_an_unsampled_file_reports_as_before(tmp_path: Path) -> None:
+    from .test_report import everything, record_file, report_of, req
+
+    report = report_of(record_file(tmp_path, [req(i * 0.01, 5.0) for i in range(5)]))
+    data = report.to_json()
+    assert (data["requests"], data["sampled_requests"], data["requests_estimated"]) == (5, 0, 5)
+    assert "Sampled" not in everything(report)
+
+
+@pytest.mark.parametrize("bad", [0, 2, 5e-324, "0.1", True, None])
+def test_a_line_with_an_impossible_sample_rate_is_skipped_not_counted(
+    tmp_path: Path, bad: Any
+) -> None:
+    from .test_report import meta, report_of, req, write
+
+    good = req(0.0, 5.0).to_json()
+    broken = json.loads(good)
+    broken["sample_rate"] = bad
+    path = write(tmp_path / "r.jsonl", [meta(), good, json.dumps(broken)])
+    data = report_of(path).to_json()
+    assert data["requests"] == 1
+    assert data["skipped_lines"] == 1

@@ -74,8 +74,9 @@ class LoopWatch:
     every request), each request is recorded in full with that probability, drawn at
     random; the others cost a few microseconds (about 1 µs in-process, 3 to 4 µs of a
     server's CPU) and are only counted (in the process samples' ``requests`` and
-    ``in_flight``). A sampled request's line carries
-    ``sample_rate`` and the report scales its counts and rates by it, saying so. An
+    ``in_flight``). A sampled request's line carries ``sample_rate``; the report
+    estimates the requests the sample stands for and says which figures are of the
+    sample. An
     unsampled request gets no span and no request metrics; its steps are not timed, so a
     sampled request it holds up sees its loop wait held by unnamed work.
 

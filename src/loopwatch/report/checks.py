@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..record import SEGMENT_KINDS, RecordError, RequestRecord
-from .fastpath import MAX_COUNT, MAX_MS, MAX_START, Request
+from .fastpath import MAX_COUNT, MAX_MS, MAX_START, MIN_SAMPLE_RATE, Request
 
 MAX_PID = 1 << 63  # pids are kept in 64-bit arrays
 NOT_A_PID = "field 'pid' is not a process id"
@@ -43,6 +43,7 @@ def valid_request(d: dict[str, Any]) -> bool:
         rss = d.get("rss_bytes")
         segments = d.get("segments", _NO_SEGMENTS)
         blocked = d.get("blocked_by")
+        rate = d.get("sample_rate", 1.0)
         # `0.0 <= v` raises TypeError for a string, null, list or object and is False for
         # NaN; only a bool (an int to Python) needs telling apart.
         if not (
@@ -67,6 +68,8 @@ def valid_request(d: dict[str, Any]) -> bool:
             and (error is None or type(error) is str)
             and (rss is None or type(rss) is int)
             and type(segments) is list
+            and MIN_SAMPLE_RATE <= rate <= 1.0
+            and type(rate) is not bool
             and bool not in (type(start), type(wall), type(cpu), type(db), type(pool), type(loop))
         ):
             return False
@@ -138,4 +141,5 @@ def as_request(d: dict[str, Any]) -> Request:
         rss_bytes=d.get("rss_bytes"),
         db_statements=None if statements is None else min(statements, MAX_COUNT),
         segments=[tuple(s) for s in d.get("segments", _NO_SEGMENTS)],
+        sample_rate=float(d.get("sample_rate", 1.0)),
     )

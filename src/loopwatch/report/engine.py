@@ -79,6 +79,10 @@ class Report:
         peaks = [p.rss_peak for p in s.processes if p.rss_peak is not None]
         return {
             "requests": s.requests,
+            # Recorded with a sample_rate below 1, and all the requests they stand for
+            # (the recorded count when nothing was sampled).
+            "sampled_requests": s.sampled,
+            "requests_estimated": s.requests_estimated,
             "wall_ms": s.wall.to_json(),
             "cpu_ms": s.cpu.to_json(),
             "db_ms": s.db.to_json(),

@@ -22,6 +22,7 @@ import msgspec
 MAX_MS = 1e10  # as record._MAX_MS
 MAX_START = 1e11  # Unix seconds in year 5138: anything later is not a start time
 MAX_COUNT = 2**40  # queries or statements of one request, for the route means
+MIN_SAMPLE_RATE = 1e-6  # as record.MIN_SAMPLE_RATE
 
 _Ms = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_MS)]
 # A larger count is valid, but the route means clamp it: the slow path does that.
@@ -59,6 +60,7 @@ class Request(msgspec.Struct, tag="request", tag_field="type", gc=False):
     segments_dropped: Annotated[int, msgspec.Meta(ge=0)] = 0
     segments: list[tuple[_Kind, _Ms, _Ms]] = []
     blocked_by: _BlockedBy | None = None
+    sample_rate: Annotated[float, msgspec.Meta(ge=MIN_SAMPLE_RATE, le=1.0)] = 1.0
 
 
 class Meta(msgspec.Struct, tag="meta", tag_field="type", gc=False):

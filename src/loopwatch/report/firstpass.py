@@ -68,9 +68,11 @@ class _Slot:
         "n",
         "proc",
         "queries",
+        "sampled",
         "statements",
         "statements_known",
         "times",
+        "unrecorded",
     )
 
     def __init__(self, acc: RouteAcc, proc: ProcessAcc | None) -> None:
@@ -78,7 +80,8 @@ class _Slot:
         # (unpacked in one step in the hot loop: cheaper than five attributes)
         self.times = tuple(a.append for a in (acc.walls, acc.cpus, acc.dbs, acc.pools, acc.loops))
         self.n = self.queries = self.statements = self.statements_known = 0
-        self.errors = self.client_errors = 0
+        self.errors = self.client_errors = self.sampled = 0
+        self.unrecorded = 0.0
         self.hi: int = -1  # the largest rss_bytes, and the smallest
         self.lo: int | float = inf
 
@@ -219,6 +222,10 @@ class FirstPass:
             add_loop(loop)
             s.n += 1
             s.queries += q.db_queries
+            rate = q.sample_rate
+            if rate != 1.0:
+                s.sampled += 1
+                s.unrecorded += 1 / rate - 1
             statements = q.db_statements
             if statements is not None:
                 s.statements += statements
@@ -262,6 +269,8 @@ class FirstPass:
             acc.statements_known += s.statements_known
             acc.errors += s.errors
             acc.client_errors += s.client_errors
+            acc.sampled += s.sampled
+            acc.unrecorded += s.unrecorded
             r.errors += s.errors
             if proc is not None:
                 proc.requests += s.n

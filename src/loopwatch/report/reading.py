@@ -82,6 +82,10 @@ class RouteAcc:
     statements_known: int = 0  # requests with db_statements (older files have none)
     errors: int = 0  # status 500 or more, or raised
     client_errors: int = 0  # status 400 to 499 (and not raised)
+    # Sampled requests (a sample_rate below 1), and the requests they stand for besides
+    # themselves: sum of 1 / sample_rate - 1.
+    sampled: int = 0
+    unrecorded: float = 0.0
 
     @property
     def count(self) -> int:
@@ -99,6 +103,8 @@ class RouteAcc:
         self.statements_known += other.statements_known
         self.errors += other.errors
         self.client_errors += other.client_errors
+        self.sampled += other.sampled
+        self.unrecorded += other.unrecorded
 
 
 @dataclass(slots=True)

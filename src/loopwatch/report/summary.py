@@ -215,6 +215,10 @@ class Summary:
     db_total: float = 0.0
     pool_total: float = 0.0
     loop_total: float = 0.0
+    # Requests recorded with a sample_rate below 1, and the estimate of all the requests
+    # the recorded ones stand for (each 1 / sample_rate): see render().
+    sampled: int = 0
+    requests_estimated: int = 0
 
 
 def summarise(
@@ -229,6 +233,8 @@ def summarise(
     million requests hold 32 MB in them) before in_flight() sorts or is given spans."""
     rows = r.rows()
     n = len(r.start)
+    sampled = sum(a.sampled for a in rows)
+    estimated = n + round(sum(a.unrecorded for a in rows))
     times = {}
     for name in ("cpus", "dbs", "pools", "loops"):
         values = [getattr(a, name) for a in rows]
@@ -277,6 +283,8 @@ def summarise(
         db_total=times["dbs"][1],
         pool_total=times["pools"][1],
         loop_total=times["loops"][1],
+        sampled=sampled,
+        requests_estimated=estimated,
     )
 
 
@@ -315,11 +323,27 @@ def render(s: Summary, width: int, scope: str, skipped: int, color: bool) -> str
     ]
     if s.errors:
         prose.append(f"Errors: {fmt_count(s.errors, 'request')} (status 500 or more, or raised).")
+    if s.sampled:
+        prose.append(_sampling_line(s))
     if skipped:
         prose.append(f"Skipped: {fmt_count(skipped, 'line')} that could not be read.")
     for text in prose:
         lines += wrap(text, width, "  ", "    ")
     return "\n".join(lines) + "\n"
+
+
+def _sampling_line(s: Summary) -> str:
+    """What sampling changes in the report: the count scaled, the rest of the sample."""
+    share = s.sampled / s.requests
+    return (
+        f"Sampled: {share:.0%} of these requests were recorded with a sample_rate below 1 "
+        f"(LoopWatch(sample_rate=...)): they stand for about "
+        f"{fmt_count(s.requests_estimated, 'request')} in all. Times, percentiles and the "
+        f"timeline are of the recorded requests (a random sample); counts per route, in "
+        f"flight and errors are recorded ones, and the sync-worker estimate replays the "
+        f"recorded arrivals only: it understates the load the full traffic would put on "
+        f"sync workers."
+    )
 
 
 def _period(first: float, last: float) -> str:
