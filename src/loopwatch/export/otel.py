@@ -19,7 +19,7 @@ With no SDK tracer provider configured, nothing is done per request beyond one t
 
 from __future__ import annotations
 
-from time import monotonic, perf_counter_ns, time_ns
+from time import perf_counter_ns, time_ns
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -49,7 +49,6 @@ _SQL_SYSTEMS = frozenset(
 )
 TIMELINE_COLUMNS = 40
 STALL_EVENT = "loopwatch.stall"
-RECHECK_S = 1.0  # while no SDK provider is configured, look again this often
 
 
 class Spans:
@@ -67,24 +66,18 @@ class Spans:
         self.query_spans = query_spans
         self.query_text = query_text
         self._tracer: Any = None
-        self._next_check = 0.0
         # An OpenTelemetry ASGI middleware inside LoopWatch makes the server span.
         self._asgi_inside = _has_otel_asgi(app)
 
     def tracer(self) -> Any:
-        """The tracer, or None while no SDK tracer provider is configured."""
+        """The tracer, or None while no SDK tracer provider is configured. Looking the
+        global provider up reads ``os.environ`` while none is set: LoopWatch asks at most
+        once per sampler tick until there is one (middleware._Exporting)."""
         if self._tracer is not None:
             return self._tracer
-        # Looking the global provider up reads os.environ while none is set: at most once
-        # a second, so an app without an SDK pays nothing per request (a provider set up
-        # later is picked up within a second).
-        now = monotonic()
-        if now < self._next_check:
-            return None
-        self._next_check = now + RECHECK_S
         provider = self._provider or trace_api.get_tracer_provider()
         if isinstance(provider, (ProxyTracerProvider, trace_api.NoOpTracerProvider)):
-            return None  # no SDK: cost nothing (checked again on the next request)
+            return None  # no SDK: cost nothing
         self._tracer = provider.get_tracer("loopwatch", __version__)
         if _stalled not in stall_listeners:
             stall_listeners.append(_stalled)

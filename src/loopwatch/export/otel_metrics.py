@@ -20,7 +20,6 @@ import re
 import weakref
 from collections.abc import Iterable
 from functools import lru_cache
-from time import monotonic
 from typing import Any
 
 from opentelemetry import metrics as metrics_api
@@ -31,7 +30,7 @@ from .._capture.watchdog import stall_listeners
 from .._version import __version__
 from ..integrations import asyncpg as _pg
 from ..record import RequestRecord, Stall
-from .otel import RECHECK_S, _method
+from .otel import _method
 
 # The API's stand-ins before (or without) an SDK: recording to them does nothing, so
 # loopwatch does not even build the attributes.
@@ -74,7 +73,6 @@ class Metrics:
     def __init__(self, meter_provider: Any = None) -> None:
         self._provider = meter_provider
         self._made = False
-        self._next_check = 0.0
         self._cpu: Any = None
         self._db: Any = None
         self._pool: Any = None
@@ -85,12 +83,10 @@ class Metrics:
         self._errors = _Bounded(MAX_ERROR_TYPES)
 
     def active(self) -> bool:
+        """Whether the instruments are made: an SDK meter provider is there (see
+        Spans.tracer for how often LoopWatch asks while there is none)."""
         if self._made:
             return True
-        now = monotonic()  # see Spans.tracer: at most one look-up a second
-        if now < self._next_check:
-            return False
-        self._next_check = now + RECHECK_S
         provider = self._provider or metrics_api.get_meter_provider()
         if type(provider).__name__ in _NO_SDK:
             return False
