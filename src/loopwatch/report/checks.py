@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..record import SEGMENT_KINDS, RecordError, RequestRecord
-from .fastpath import MAX_COUNT, MAX_MS, MAX_START, MIN_SAMPLE_RATE, Request
+from ..record import MIN_SAMPLE_RATE, SEGMENT_KINDS, RecordError, RequestRecord
+from .fastpath import MAX_COUNT, MAX_MS, MAX_START, Request
 
 MAX_PID = 1 << 63  # pids are kept in 64-bit arrays
 NOT_A_PID = "field 'pid' is not a process id"

@@ -19,10 +19,11 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ..record import MIN_SAMPLE_RATE
+
 MAX_MS = 1e10  # as record._MAX_MS
 MAX_START = 1e11  # Unix seconds in year 5138: anything later is not a start time
 MAX_COUNT = 2**40  # queries or statements of one request, for the route means
-MIN_SAMPLE_RATE = 1e-6  # as record.MIN_SAMPLE_RATE
 
 _Ms = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_MS)]
 # A larger count is valid, but the route means clamp it: the slow path does that.
