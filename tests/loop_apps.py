@@ -1,9 +1,10 @@
 """An app whose endpoints block the event loop, served by uvicorn in the loop tests.
 
-``GET /q/{n}`` runs one tiny query and returns what it measured itself: the pool wait, the
-time it awaited the query, and PostgreSQL's own clock when the query ran, so the test
-knows when the reply left the server. ``POST /block?kind=cpu|sleep&ms=N`` holds the
-loop: a CPU-heavy hash, or ``time.sleep`` in an ``async def`` (the lines marked
+``GET /q/{n}`` runs one tiny query (``?pg_sleep_ms=N``: one PostgreSQL sleeps in) and
+returns what it measured itself: the pool wait, the time it awaited the query, and
+PostgreSQL's own clock when the query ran, so the test knows when the reply left the
+server. ``POST /block?kind=cpu|sleep&ms=N`` holds the loop for N ms and says how long it
+did: a CPU-heavy hash, or ``time.sleep`` in an ``async def`` (the lines marked
 ``BLOCK-...`` are the ones a stall's stack must name). With ``BACKGROUND_STALL_MS`` set,
 a task started at start-up sleeps on the loop once, with no request in flight.
 """
@@ -82,7 +83,11 @@ async def query(request: Request) -> Response:
     t0 = time.time()
     async with request.app.state.pool.acquire() as conn:
         t1 = time.time()
-        done = await conn.fetchval(QUERY)
+        pg_sleep = float(request.query_params.get("pg_sleep_ms", "0")) / 1000
+        if pg_sleep:  # a query that keeps PostgreSQL busy, the loop free meanwhile
+            done = await conn.fetchval(f"{QUERY} FROM pg_sleep($1)", pg_sleep)
+        else:
+            done = await conn.fetchval(QUERY)
         t2 = time.time()
     t3 = time.time()
     truth["pool_ms"] = (t1 - t0) * 1000
@@ -95,12 +100,19 @@ async def query(request: Request) -> Response:
 
 async def block(request: Request) -> Response:
     ms = float(request.query_params.get("ms", "150"))
+    t0 = time.perf_counter()
     if request.query_params.get("kind") == "sleep":
         time.sleep(ms / 1000)  # BLOCK-SLEEP  # noqa: ASYNC251
     else:
-        rounds = max(1, int(ms * ROUNDS_PER_MS))
-        hashlib.pbkdf2_hmac("sha256", b"password", b"salt", rounds)  # BLOCK-CPU
-    return PlainTextResponse("done")
+        # Hashes of ~10 ms until the time asked has passed: the rounds per ms calibrated
+        # at import drift with the clock speed and the load (a 150 ms block once took
+        # 124 ms), and a block under the stall threshold is no stall.
+        rounds = max(1, int(10 * ROUNDS_PER_MS))
+        end = t0 + ms / 1000
+        while time.perf_counter() < end:
+            hashlib.pbkdf2_hmac("sha256", b"password", b"salt", rounds)  # BLOCK-CPU
+    # How long the loop was really held.
+    return JSONResponse({"held_ms": (time.perf_counter() - t0) * 1000})
 
 
 app = Starlette(

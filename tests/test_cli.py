@@ -201,9 +201,16 @@ def test_report_of_a_blocked_loop_names_the_blocking_line(tmp_path: Path, pg_dsn
 
             limits = httpx.Limits(max_connections=30)
             async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as c:
-                calls = [c.get(f"/q/{i}") for i in range(24)]
-                calls.insert(4, c.post("/block?kind=sleep&ms=300"))
-                await asyncio.gather(*calls)
+                # As many queries as the pool has connections, each held 200 ms by
+                # PostgreSQL, and a block sent while they run: their replies come back to
+                # a held loop. (With tiny queries all sent at once, the block sometimes
+                # arrived after them all: no loop wait, no diagnosis.)
+                queries = [
+                    asyncio.ensure_future(c.get(f"/q/{i}?pg_sleep_ms=200")) for i in range(5)
+                ]
+                await asyncio.sleep(0.1)
+                await c.post("/block?kind=sleep&ms=400")
+                await asyncio.gather(*queries)
 
         import asyncio
 

@@ -30,7 +30,9 @@ def line_of(marker: str) -> int:
     raise AssertionError(f"no {marker} line in {APP}")
 
 
-async def _burst(url: str, queries: int, blocks: int, kind: str) -> list[dict[str, Any]]:
+async def _burst(
+    url: str, queries: int, blocks: int, kind: str
+) -> tuple[list[dict[str, Any]], list[float]]:
     n = queries + blocks
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
@@ -40,7 +42,8 @@ async def _burst(url: str, queries: int, blocks: int, kind: str) -> list[dict[st
             calls.insert(3 + j * 6, client.post(f"/block?kind={kind}&ms=150"))
         responses = await asyncio.gather(*calls)
     assert all(r.status_code == 200 for r in responses)
-    return [r.json() for r in responses if r.request.method == "GET"]
+    truths = [r.json() for r in responses if r.request.method == "GET"]
+    return truths, [r.json()["held_ms"] for r in responses if r.request.method == "POST"]
 
 
 def _run(pg_dsn: str, record_file: Path, loop: str, kind: str) -> tuple[Any, ...]:
@@ -49,13 +52,13 @@ def _run(pg_dsn: str, record_file: Path, loop: str, kind: str) -> tuple[Any, ...
         # One query alone first: what the database takes when nothing blocks the loop.
         for _ in range(3):
             alone = httpx.get(f"{server.url}/q/1000", timeout=30).json()
-        truths = asyncio.run(_burst(server.url, 20, 3, kind))
+        truths, held = asyncio.run(_burst(server.url, 20, 3, kind))
     lines = read_lines(record_file)
     requests = [d for d in lines if d["type"] == "request"]
     records = {r["path"]: r for r in requests if r["path"].startswith("/q/")}
     blocks = [r for r in requests if r["path"] == "/block"]
     stalls = [d for d in lines if d["type"] == "stall"]
-    return alone, truths, records, blocks, stalls
+    return alone, truths, records, blocks, stalls, held
 
 
 @pytest.mark.parametrize("kind", ["cpu", "sleep"])
@@ -63,13 +66,13 @@ def _run(pg_dsn: str, record_file: Path, loop: str, kind: str) -> tuple[Any, ...
 def test_a_blocked_loop_is_loop_wait_not_database_time(
     pg_dsn: str, record_file: Path, loop: str, kind: str
 ) -> None:
-    alone, truths, records, blocks, stalls = _run(pg_dsn, record_file, loop, kind)
+    alone, truths, records, blocks, stalls, held = _run(pg_dsn, record_file, loop, kind)
     if len(stalls) != 3:
         # Seen twice in CI's full suite on 2026-11-30 (0 and 2 stall lines of 3, every other
         # figure right), never alone in 60 runs, loaded or not; cause not found yet (issue
         # 13's note). Once more from a fresh file: a capture that loses stalls fails both.
         record_file.unlink()
-        alone, truths, records, blocks, stalls = _run(pg_dsn, record_file, loop, kind)
+        alone, truths, records, blocks, stalls, held = _run(pg_dsn, record_file, loop, kind)
     query_ms = alone["await_ms"] + alone["release_ms"]
     assert query_ms < 20, f"a lone query should be quick: {alone}"
     tolerance = max(2.0, 0.1 * query_ms)
@@ -119,11 +122,15 @@ def test_a_blocked_loop_is_loop_wait_not_database_time(
     line = line_of("BLOCK-CPU" if kind == "cpu" else "BLOCK-SLEEP")
     assert len(stalls) == 3, stalls
     assert {s["id"] for s in stalls} == block_ids
+    # Each stall is the whole step that held the loop: never shorter than what the
+    # endpoint itself measured it held the loop for (the hash's rounds per ms are
+    # calibrated at import: the block hashes until 150 ms have passed).
+    durations = sorted(s["duration_ms"] for s in stalls)
+    assert all(d >= h - 0.5 for d, h in zip(durations, sorted(held), strict=True)), held
+    assert min(held) >= 150, held
     for stall in stalls:
         assert (stall["method"], stall["route"], stall["timed"]) == ("POST", "/block", True)
-        # (A 150 ms block: the hash's rounds per ms are calibrated at import, within
-        # ~10 % on a machine whose clock speed varies.)
-        assert 125 <= stall["duration_ms"] <= 400, stall
+        assert stall["duration_ms"] <= 400, stall
         assert stall["cause"] == kind if kind == "cpu" else stall["cause"] == "blocked"
         if kind == "cpu":  # (it waits to run, too, on two cores shared with the client)
             assert stall["cpu_ms"] >= stall["duration_ms"] / 3, stall
