@@ -429,3 +429,13 @@ def test_demo_compare_sync_refuses_blocking_requests() -> None:
     result = loopwatch("demo", "--blocking", "--compare-sync")
     assert result.returncode == 1
     assert "run it without --blocking" in result.stderr
+
+
+def test_the_sync_side_starts_measuring_once_every_worker_exists(pg_dsn: str) -> None:
+    # gunicorn forks its workers up to 0.1 s apart; the first answers /ready long before
+    # the last exists, and traffic sent then meets fewer workers than the demo says.
+    from loopwatch.cli import demo
+
+    with demo._served(pg_dsn, None, 8) as (_, pid):
+        workers = psutil.Process(pid).children()
+        assert len(workers) == 8, workers

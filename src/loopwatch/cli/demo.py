@@ -105,6 +105,8 @@ def _served(
     sock.close()
     try:
         _wait_ready(url, proc)
+        if sync_workers is not None:
+            _wait_workers(proc, sync_workers)
         yield url, proc.pid
     finally:
         if proc.poll() is None:
@@ -130,6 +132,24 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
             pass
         time.sleep(0.05)
     raise DemoError("the demo server did not start within a minute.")
+
+
+def _wait_workers(proc: subprocess.Popen[bytes], workers: int, timeout: float = 60.0) -> None:
+    """Until gunicorn has forked all its workers: its arbiter spawns them one at a time,
+    up to 0.1 s apart, and the first answers /ready long before the last exists."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"the sync server exited with status {proc.returncode} at start-up.")
+        try:
+            if len(psutil.Process(proc.pid).children()) >= workers:
+                return
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    raise DemoError(f"gunicorn did not start its {workers} workers within a minute.")
 
 
 # ``--blocking``: this many requests to the demo app's deliberate mistakes, alternately
