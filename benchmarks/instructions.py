@@ -58,6 +58,10 @@ def _scale_thresholds(scale: int) -> None:
         for name, value in list(vars(module).items()):
             if name.isupper() and name.endswith("_NS") and type(value) is int:
                 setattr(module, name, value * scale)
+    # The compiled step timer holds its own copy of the thresholds.
+    steps = sys.modules.get("loopwatch._capture.steps")
+    if steps is not None and hasattr(steps, "configure"):
+        steps.configure()
 
 
 async def _drive(app: Any, target: str, count: int, concurrency: int) -> None:

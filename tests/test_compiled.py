@@ -133,3 +133,78 @@ def test_the_line_is_the_compiled_one_unless_pure_python_is_asked_for() -> None:
     env = {**os.environ, "LOOPWATCH_PURE_PYTHON": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_step_timer_is_the_compiled_one_unless_pure_python_is_asked_for() -> None:
+    from loopwatch._capture import steps
+
+    if PURE:
+        assert steps.StepTimer is steps.PythonStepTimer
+    else:
+        assert steps.StepTimer is _speedups().StepTimer  # type: ignore[attr-defined]
+    code = "from loopwatch._capture import steps; print(steps.COMPILED)"
+    env = {**os.environ, "LOOPWATCH_PURE_PYTHON": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def _timers() -> list[object]:
+    from loopwatch._capture import steps
+
+    timers: list[object] = [steps.PythonStepTimer]
+    if steps.COMPILED:
+        timers.append(steps.StepTimer)
+    return timers
+
+
+@pytest.mark.parametrize("timer", _timers(), ids=lambda t: t.__module__.rsplit(".", 1)[-1])
+def test_both_step_timers_time_every_step_and_pass_everything_through(timer: type) -> None:
+    import asyncio
+    import time
+
+    from loopwatch._capture.loop import monitor
+    from loopwatch._capture.trace import IDLE
+
+    async def work(n: int) -> tuple[str, int]:
+        for _ in range(n):
+            await asyncio.sleep(0.002)  # (past the merge gap: one interval a step)
+        return ("done", n)
+
+    async def fails() -> None:
+        await asyncio.sleep(0.002)
+        raise KeyError("inner")
+
+    async def cancelled(started: asyncio.Event) -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        t = Trace(time.time(), time.perf_counter_ns(), "GET", "/")
+        assert await timer(work(3), t) == ("done", 3)  # a return value comes through
+        assert t.step_c0 == IDLE
+        assert monitor.run_w0 == 0
+        assert len(t.cpu) == 2 * 4, t.cpu  # four steps: three sleeps and the return
+        assert all(a <= b for a, b in zip(t.cpu, t.cpu[1:], strict=False))
+        assert 0 < t.cpu_ns <= t.cpu[-1] - t.cpu[0]
+        assert t.last_w1 == t.cpu[-1]
+        with pytest.raises(KeyError, match="inner"):
+            await timer(fails(), t)
+        assert t.step_c0 == IDLE
+        assert len(t.cpu) == 2 * 6
+        # throw(): cancelling a task whose coroutine is a step timer times that step too.
+        started = asyncio.Event()
+        task = asyncio.Task(timer(cancelled(started), t))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert t.step_c0 == IDLE
+        assert len(t.cpu) == 2 * 8
+        # A timer inside a running step of the same trace stays out of the way.
+        t.step_c0 = 12345
+        assert await timer(work(0), t) == ("done", 0)
+        assert t.step_c0 == 12345
+        assert len(t.cpu) == 2 * 8
+        t.step_c0 = IDLE
+
+    asyncio.run(main())

@@ -1,5 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""A request's record line, formatted in C: byte for byte what ``Trace.line`` writes.
+"""The compiled request path: the record line and the step timer.
+
+The request's record line, formatted in C: byte for byte what ``Trace.line`` writes.
 
 The pure-Python ``Trace.line`` (interval arithmetic in ``Trace.spans``, msgspec for the
 encoding) is the reference and the fallback: it runs where this module was not built,
@@ -10,6 +12,9 @@ microseconds (``ns // 1000``) as the shortest decimal that reads back as
 ``ns // 1000 / 1000``, which is what ``repr`` and msgspec write for that float; strings
 and the other floats go through the same msgspec encoder as the Python path. A line
 with text beyond ASCII is left to the Python path.
+
+The step timer (``StepTimer``, on ``StepState`` and ``MonitorState``, the C bases of
+``trace.Trace`` and ``loop.LoopMonitor``): ``steps.StepTimer`` in C, below.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -18,6 +23,8 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcpy
 
 import msgspec
+
+INTERFACE = 2  # compiled.INTERFACE: what this module offers
 
 _encode = msgspec.json.Encoder().encode
 
@@ -376,3 +383,228 @@ def request_line(trace, sample_rate, long long segment_ns):
         PyMem_Free(ints)
         PyMem_Free(segs)
         PyMem_Free(buf.p)
+
+
+# --- The step timer ----------------------------------------------------------------------
+#
+# steps.StepTimer in C: the same reads and writes of the trace and the loop monitor, the
+# same clocks (CLOCK_MONOTONIC is what time.perf_counter_ns reads on Linux,
+# CLOCK_THREAD_CPUTIME_ID what time.thread_time_ns reads; steps.py checks they agree
+# before it uses this class), the same calls into Python for the rare paths (an idle or
+# long gap, a loop wait, a long step). What it saves is the Python around them: the
+# protocol methods called through slots, and the StopIteration each step ends with.
+
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_XDECREF
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec* tp)
+    int CLOCK_MONOTONIC
+    int CLOCK_THREAD_CPUTIME_ID
+
+cdef extern from "Python.h":
+    ctypedef enum PySendResult:
+        PYGEN_RETURN
+        PYGEN_ERROR
+        PYGEN_NEXT
+    PySendResult PyIter_Send(object iter, object arg, PyObject** presult)
+
+
+cdef long long IDLE = -1
+cdef long long _idle_ns = 0, _long_ns = 0, _min_wait_ns = 0, _merge_gap_ns = 0
+cdef Py_ssize_t _max_flat = 0
+
+
+cdef class StepState:
+    """trace.Trace's base: the clocks every step reads and writes (ns), as C integers."""
+
+    cdef public long long cpu_ns, last_w1, step_c0, step_w0
+
+
+cdef class MonitorState:
+    """loop.LoopMonitor's base: the clocks every step reads and writes (ns)."""
+
+    cdef public long long busy_w0, last_c1, last_w1, run_w0
+
+
+cdef MonitorState _monitor = None
+
+
+def configure(MonitorState monitor, long long idle_ns, long long long_ns,
+              long long min_wait_ns, long long merge_gap_ns, Py_ssize_t max_flat):
+    """The loop monitor and the thresholds (ns) of loop.py and trace.py, as steps.py
+    reads them (again after a benchmark scales them)."""
+    global _monitor, _idle_ns, _long_ns, _min_wait_ns, _merge_gap_ns, _max_flat
+    _monitor = monitor
+    _idle_ns, _long_ns, _min_wait_ns = idle_ns, long_ns, min_wait_ns
+    _merge_gap_ns, _max_flat = merge_gap_ns, max_flat
+
+
+cdef inline long long now_ns(int clock) noexcept nogil:
+    cdef timespec ts
+    clock_gettime(clock, &ts)
+    return <long long>ts.tv_sec * 1000000000LL + ts.tv_nsec
+
+
+def clocks():
+    """(CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID) now, in ns: for steps.py's check."""
+    return now_ns(CLOCK_MONOTONIC), now_ns(CLOCK_THREAD_CPUTIME_ID)
+
+
+cdef class StepTimer:
+    """Wrap a coroutine and charge each of its steps to ``trace`` while the trace is open
+    (steps.StepTimer, compiled)."""
+
+    cdef object _coro
+    cdef StepState _trace
+
+    def __init__(self, coro, StepState trace):
+        self._coro = coro
+        self._trace = trace
+
+    cdef PySendResult _step(self, object value, PyObject** result) except PYGEN_ERROR:
+        cdef StepState trace = self._trace
+        cdef MonitorState m
+        cdef long long w0, c0, dw, off, lw0, w1, c1
+        cdef PySendResult status
+        cdef list cpu
+        cdef Py_ssize_t n
+        if trace.step_c0 != IDLE:  # a step already running, or the request over
+            status = PyIter_Send(self._coro, value, result)
+            if status == PYGEN_ERROR:
+                raise_current()
+            return status
+        w0 = now_ns(CLOCK_MONOTONIC)
+        c0 = now_ns(CLOCK_THREAD_CPUTIME_ID)
+        trace.step_w0 = w0
+        trace.step_c0 = c0
+        m = _monitor
+        if m is None:
+            raise RuntimeError("the step timer runs before configure()")
+        dw = w0 - m.last_w1
+        off = dw - (c0 - m.last_c1)
+        if off > _idle_ns or off < -_idle_ns or dw >= _long_ns:
+            (<object>m).gap(w0, c0)
+        m.run_w0 = w0
+        lw0 = trace.last_w1
+        if m.busy_w0 > lw0:
+            lw0 = m.busy_w0
+        if w0 - lw0 >= _min_wait_ns:
+            (<object>trace).waited(lw0, w0)
+        try:
+            status = PyIter_Send(self._coro, value, result)
+            if status == PYGEN_ERROR:
+                raise_current()
+        finally:
+            # close() may have ended the step (and the request) from inside it.
+            if trace.step_c0 == c0:
+                # Trace.end_step, inlined.
+                w1 = now_ns(CLOCK_MONOTONIC)
+                c1 = now_ns(CLOCK_THREAD_CPUTIME_ID)
+                trace.cpu_ns += c1 - c0
+                trace.step_c0 = IDLE
+                trace.last_w1 = w1
+                m.last_w1 = w1
+                m.last_c1 = c1
+                m.run_w0 = 0
+                if w1 - w0 >= _long_ns:
+                    (<object>m).long_step(w0, w1, c1 - c0, trace)
+                cpu = (<object>trace).cpu
+                n = len(cpu)  # (no negative index: this module does not wrap around)
+                if n and w0 - <long long>cpu[n - 1] < _merge_gap_ns:
+                    cpu[n - 1] = w1
+                elif n < _max_flat:
+                    cpu.append(w0)
+                    cpu.append(w1)
+                else:
+                    (<object>trace).dropped += 1
+        return status
+
+    def send(self, value=None):
+        cdef PyObject* result = NULL
+        cdef PySendResult status = self._step(value, &result)
+        out = <object>result
+        Py_XDECREF(result)
+        if status == PYGEN_RETURN:
+            raise StopIteration(out) if out is not None else StopIteration
+        return out
+
+    def __next__(self):
+        cdef PyObject* result = NULL
+        cdef PySendResult status = self._step(None, &result)
+        out = <object>result
+        Py_XDECREF(result)
+        if status == PYGEN_RETURN:
+            raise StopIteration(out) if out is not None else StopIteration
+        return out
+
+    def throw(self, typ, val=None, tb=None):
+        # As steps.StepTimer.throw: one exception object, whichever form was used.
+        if isinstance(val, BaseException):
+            exc = val
+        elif isinstance(typ, BaseException):
+            exc = typ
+        else:
+            exc = typ() if val is None else typ(val)
+        if tb is not None:
+            exc = exc.with_traceback(tb)
+        trace = <object>self._trace
+        if trace.step_c0 != IDLE:
+            return self._coro.throw(exc)
+        w0 = now_ns(CLOCK_MONOTONIC)
+        c0 = now_ns(CLOCK_THREAD_CPUTIME_ID)
+        trace.step_w0 = w0
+        trace.step_c0 = c0
+        trace.begin_step(w0, c0)
+        try:
+            return self._coro.throw(exc)
+        finally:
+            if trace.step_c0 == c0:
+                trace.end_step(c0, w0)
+
+    def close(self):
+        self._coro.close()
+
+    def __iter__(self):
+        return self
+
+    def __await__(self):
+        return self
+
+    # anyio and asyncio inspect a task's coroutine; show them the real one.
+    @property
+    def cr_running(self):
+        return bool(getattr(self._coro, "cr_running", False))
+
+    @property
+    def cr_suspended(self):
+        return bool(getattr(self._coro, "cr_suspended", False))
+
+    @property
+    def cr_frame(self):
+        return getattr(self._coro, "cr_frame", None)
+
+    @property
+    def cr_await(self):
+        return getattr(self._coro, "cr_await", None)
+
+    @property
+    def cr_code(self):
+        return getattr(self._coro, "cr_code", None)
+
+    def __getattr__(self, name):
+        return getattr(self._coro, name)
+
+    def __repr__(self):
+        return f"<loopwatch step timer of {self._coro!r}>"
+
+
+cdef extern from *:
+    """
+    static int lw_raise_current(void) { return -1; }
+    """
+    int raise_current "lw_raise_current"() except -1

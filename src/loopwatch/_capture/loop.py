@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import resource
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _failures
 from . import routes as _routes
+from .compiled import speedups
 
 # Off the CPU for longer than this between two timed steps: the loop may have been idle.
 # Below it: preemption by another thread or the loop's own syscalls, not idleness.
@@ -81,15 +82,29 @@ class Held:
         return f"{trace.id_prefix}-{trace.seq}", trace.method, route
 
 
-class LoopMonitor:
+class _PyMonitorState:
+    """The clocks every step reads and writes: LoopMonitor's base. Compiled, the C step
+    timer holds them as C integers (``_speedups.MonitorState``)."""
+
+    __slots__ = ("busy_w0", "last_c1", "last_w1", "run_w0")
+
+    busy_w0: int
+    last_c1: int
+    last_w1: int
+    run_w0: int
+
+
+if TYPE_CHECKING:
+    _MonitorState = _PyMonitorState
+else:
+    _MonitorState = _PyMonitorState if speedups is None else speedups.MonitorState
+
+
+class LoopMonitor(_MonitorState):
     """Process-wide: one event loop thread per process is what servers run."""
 
     __slots__ = (
-        "busy_w0",
         "held",
-        "last_c1",
-        "last_w1",
-        "run_w0",
         "slept",
         "unseen_w0",
         "watchdog",

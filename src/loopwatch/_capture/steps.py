@@ -6,6 +6,10 @@ clock and the thread CPU clock around every step. It is both an awaitable (the
 middleware awaits it around the app) and a coroutine (the task factory hands it to
 ``asyncio.Task`` for tasks a request spawns), so a request's CPU is its own even when
 its work runs in anyio task groups, ``gather`` or ``create_task``.
+
+Where the extension is built, ``StepTimer`` is its C twin (``_speedups.StepTimer``): the
+same reads, writes and calls, without a Python call and a StopIteration per step; the
+class here is the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from time import perf_counter_ns, thread_time_ns
 from types import TracebackType
 from typing import Any
 
+from . import loop as _loop
+from . import trace as _trace
 from .loop import IDLE_NS, LONG_NS, MIN_WAIT_NS, monitor
 from .trace import IDLE, Trace, current
 
@@ -148,6 +154,45 @@ class TaskFactory:
             return asyncio.Task(coro, loop=loop, **kwargs)
         task: asyncio.Future[Any] = inner(loop, coro, **kwargs)
         return task
+
+
+# The step timer in C (``_speedups.StepTimer``: the same reads, writes and calls), where
+# the extension was built and its clocks are the ones ``time`` reads; the class above is
+# the reference and the fallback (``LOOPWATCH_PURE_PYTHON=1``).
+PythonStepTimer = StepTimer
+
+
+def configure() -> None:
+    """Hand the compiled step timer the loop monitor and this version's thresholds (a
+    benchmark that scales the ``*_NS`` constants calls it again)."""
+    if COMPILED:
+        _speedups.configure(
+            monitor, _loop.IDLE_NS, _loop.LONG_NS, _loop.MIN_WAIT_NS,
+            _trace.MERGE_GAP_NS, _trace.MAX_FLAT,
+        )  # fmt: skip
+
+
+def _same_clocks() -> bool:
+    """Whether the extension's clocks read what ``perf_counter_ns`` and ``thread_time_ns``
+    read (they do on Linux; elsewhere ``perf_counter`` may be another clock)."""
+    for _ in range(3):  # (a preemption between two readings is not a disagreement)
+        a = perf_counter_ns()
+        w, c = _speedups.clocks()
+        b = thread_time_ns()
+        if a <= w <= perf_counter_ns() and abs(c - b) < 1_000_000:
+            return True
+    return False
+
+
+COMPILED = False
+if _trace.COMPILED:
+    from . import _speedups
+
+    if _same_clocks():
+        Coroutine.register(_speedups.StepTimer)
+        StepTimer = _speedups.StepTimer  # type: ignore[assignment,misc]
+        COMPILED = True
+        configure()
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:

@@ -7,16 +7,15 @@ milliseconds to :meth:`Trace.to_record`, called once when the request ends.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable
 from contextvars import ContextVar
 from time import perf_counter_ns, thread_time_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..record import BlockedBy, RequestLine, RequestRecord, line_bytes
+from .compiled import speedups
 from .loop import BLOCKED_NS, LONG_NS, MIN_WAIT_NS, SEGMENT_NS, Held, monitor
 
 current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
@@ -24,9 +23,8 @@ current: ContextVar[Trace | None] = ContextVar("loopwatch_trace", default=None)
 # The request line formatted in C (src/loopwatch/_capture/_speedups.pyx), unless it was
 # not built (no compiler where loopwatch was installed) or LOOPWATCH_PURE_PYTHON is set.
 _compiled_line: Callable[[Any, float | None, int], bytes | None] | None = None
-if os.environ.get("LOOPWATCH_PURE_PYTHON", "").lower() in ("", "0", "false", "no", "off"):
-    with contextlib.suppress(ImportError):  # not built: the Python path
-        from ._speedups import request_line as _compiled_line
+if speedups is not None:
+    _compiled_line = speedups.request_line
 COMPILED = _compiled_line is not None
 
 IDLE = -1
@@ -42,7 +40,25 @@ MERGE_GAP_NS = 20_000
 MAX_FLAT = 2 * MAX_INTERVALS  # the interval lists are flat: two numbers an interval
 
 
-class Trace:
+class _PyStepState:
+    """The clocks every step reads and writes: Trace's base. Compiled, the C step timer
+    holds them as C integers (``_speedups.StepState``)."""
+
+    __slots__ = ("cpu_ns", "last_w1", "step_c0", "step_w0")
+
+    cpu_ns: int
+    last_w1: int
+    step_c0: int
+    step_w0: int
+
+
+if TYPE_CHECKING:
+    _StepState = _PyStepState
+else:
+    _StepState = _PyStepState if speedups is None else speedups.StepState
+
+
+class Trace(_StepState):
     """One request's measurements. Mutated only on the loop thread until it is closed."""
 
     __slots__ = (
@@ -50,13 +66,11 @@ class Trace:
         "blocked_ns",
         "blocker",
         "cpu",
-        "cpu_ns",
         "db",
         "dropped",
         "end_ns",
         "error",
         "id_prefix",
-        "last_w1",
         "loop",
         "loop_ns",
         "method",
@@ -76,8 +90,6 @@ class Trace:
         "start_unix",
         "statements",
         "status",
-        "step_c0",
-        "step_w0",
     )
 
     # Set when the request starts (id) or ends (the rest).
