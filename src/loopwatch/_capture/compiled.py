@@ -15,6 +15,6 @@ INTERFACE = 2  # what _speedups.pyx must declare: raised whenever what it offers
 speedups: ModuleType | None = None
 if os.environ.get("LOOPWATCH_PURE_PYTHON", "").lower() in ("", "0", "false", "no", "off"):
     with contextlib.suppress(ImportError):  # not built: the Python path
-        from . import _speedups as speedups  # noqa: F401 (the name is the export)
+        from . import _speedups as speedups
     if getattr(speedups, "INTERFACE", None) != INTERFACE:
         speedups = None
