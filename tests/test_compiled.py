@@ -23,7 +23,7 @@ from loopwatch.record import BlockedBy, RequestRecord
 PURE = os.environ.get("LOOPWATCH_PURE_PYTHON", "") not in ("", "0")
 MS = 1_000_000
 ODD_TEXT = ["/", "/items/42", "/caf\u00e9", "/\u2028", "/a\"b\\c", "/\x00\x1b\x7f", "/\udcff",
-            "/\U0001f600", "", "GET"]  # fmt: skip
+            "/\U0001f600", "", "GET", "/\n\r\t\b\f\x1f", "/a b~"]  # fmt: skip
 
 
 def _speedups() -> object:
@@ -37,7 +37,8 @@ def _speedups() -> object:
 def _random_trace(rng: random.Random) -> Trace:
     start = rng.choice([0, 1_000_000_000, 25_557_200_630_440])
     end = start + rng.choice([0, 1, 999, 1000, 1001, rng.randint(0, 50 * MS)])
-    t = Trace(rng.choice([1.7e9, 1796049863.7418294, 0.0, 1e-7]), start, "GET", "/")
+    unix = rng.choice([1.7e9, 1796049863.7418294, 0.0, 1e-7, 1e-4, 9.99e-5, 1e16, 9.9e15, -2.5])
+    t = Trace(unix, start, "GET", "/")
     odd = rng.random() < 0.3  # text that needs escaping, or is beyond ASCII
     t.method = rng.choice(["GET", "POST", "BREW", "g\u00e9t"] if odd else ["GET", "POST"])
     t.path = rng.choice(ODD_TEXT) if odd else "/items/42"

@@ -20,7 +20,16 @@ The step timer (``StepTimer``, on ``StepState`` and ``MonitorState``, the C base
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.string cimport memcpy
+from libc.math cimport fabs
+from libc.string cimport memcpy, strlen
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+    void* PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    char* PyOS_double_to_string(double val, char format_code, int precision, int flags,
+                                int* ptype) except? NULL
+    int Py_DTSF_ADD_DOT_0
 
 import msgspec
 
@@ -121,14 +130,89 @@ cdef int put_json(Buf* buf, object value) except -1:
     return put(buf, data, len(data))
 
 
+cdef const char* HEX = b"0123456789abcdef"
+
+
 cdef int put_str(Buf* buf, object value) except -1:
-    """A JSON string, or null. Text beyond ASCII raises ValueError: the Python path
-    writes those lines (escaped, as json.dumps does)."""
+    """A JSON string, or null: for ASCII text, the bytes msgspec writes (``"`` and ``\\``
+    escaped, control characters as msgspec escapes them), copied here without a call.
+    Text beyond ASCII raises ValueError: the Python path writes those lines (escaped, as
+    json.dumps does)."""
+    cdef Py_ssize_t n, i, start
+    cdef const unsigned char* p
+    cdef unsigned char ch
+    cdef char esc[6]
     if value is None:
         return put(buf, b"null", 4)
-    if not value.isascii():
+    if type(value) is not str:
+        return put_json(buf, value)  # (a str subclass: msgspec says what it writes)
+    if not PyUnicode_IS_COMPACT_ASCII(value):
         raise ValueError("not ASCII")
-    return put_json(buf, value)
+    p = <const unsigned char*>PyUnicode_DATA(value)
+    n = PyUnicode_GET_LENGTH(value)
+    put(buf, b'"', 1)
+    start = 0
+    for i in range(n):
+        ch = p[i]
+        if ch >= 32 and ch != 34 and ch != 92:
+            continue
+        put(buf, <const char*>p + start, i - start)
+        start = i + 1
+        esc[0] = 92  # backslash
+        if ch == 34 or ch == 92:
+            esc[1] = ch
+            put(buf, esc, 2)
+        elif ch == 10:
+            put(buf, b"\\n", 2)
+        elif ch == 13:
+            put(buf, b"\\r", 2)
+        elif ch == 9:
+            put(buf, b"\\t", 2)
+        elif ch == 8:
+            put(buf, b"\\b", 2)
+        elif ch == 12:
+            put(buf, b"\\f", 2)
+        else:
+            esc[1] = 117  # u
+            esc[2] = 48
+            esc[3] = 48
+            esc[4] = HEX[ch >> 4]
+            esc[5] = HEX[ch & 15]
+            put(buf, esc, 6)
+    put(buf, <const char*>p + start, n - start)
+    return put(buf, b'"', 1)
+
+
+cdef bint ascii_alnum(object value):
+    """str.isalnum() for ASCII text."""
+    cdef const unsigned char* p = <const unsigned char*>PyUnicode_DATA(value)
+    cdef Py_ssize_t i, n = PyUnicode_GET_LENGTH(value)
+    cdef unsigned char ch
+    for i in range(n):
+        ch = p[i]
+        if not (48 <= ch <= 57 or 65 <= ch <= 90 or 97 <= ch <= 122):
+            return False
+    return n > 0
+
+
+cdef int put_float(Buf* buf, object value) except -1:
+    """A float as msgspec writes it: ``repr``'s shortest digits where ``repr`` writes no
+    exponent (then the two agree), msgspec itself otherwise."""
+    cdef double x
+    cdef char* text
+    if type(value) is not float:
+        return put_json(buf, value)
+    x = value
+    if not (x == 0.0 or 1e-4 <= fabs(x) < 1e16):
+        return put_json(buf, value)
+    text = PyOS_double_to_string(x, b"r", 0, Py_DTSF_ADD_DOT_0, NULL)
+    if text == NULL:
+        raise MemoryError()
+    try:
+        put(buf, text, strlen(text))
+    finally:
+        PyMem_Free(text)
+    return 0
 
 
 cdef int read(object flat, long long* out, Py_ssize_t n) except -1:
@@ -296,16 +380,17 @@ def request_line(trace, sample_rate, long long segment_ns):
 
         put(&buf, b'{"type":"request","id":', 23)
         value = trace.id_prefix
-        if not (type(value) is str and value.isascii() and value.isalnum()):
+        if not (type(value) is str and PyUnicode_IS_COMPACT_ASCII(value)
+                and ascii_alnum(value)):
             return None  # (a hex prefix: nothing to escape)
-        put_json(&buf, value)
+        put_str(&buf, value)
         buf.n -= 1  # its closing quote
         put(&buf, b"-", 1)
         put_int(&buf, trace.seq)
         put(&buf, b'","pid":', 8)
         put_int(&buf, trace.pid)
         put(&buf, b',"start":', 9)
-        put_json(&buf, trace.start_unix)
+        put_float(&buf, trace.start_unix)
         put(&buf, b',"method":', 10)
         put_str(&buf, trace.method)
         put(&buf, b',"path":', 8)
@@ -321,7 +406,7 @@ def request_line(trace, sample_rate, long long segment_ns):
         put(&buf, b',"wall_ms":', 11)
         put_ms(&buf, <long long>trace.end_ns - start)
         put(&buf, b',"cpu_ms":', 10)
-        put_ms(&buf, trace.cpu_ns)
+        put_ms(&buf, (<StepState?>trace).cpu_ns)
         put(&buf, b',"db_ms":', 9)
         put_ms(&buf, db_ns)
         put(&buf, b',"pool_wait_ms":', 16)
