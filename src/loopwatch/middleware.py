@@ -6,7 +6,7 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from random import random
 from time import perf_counter_ns
 from types import CoroutineType
@@ -234,26 +234,31 @@ class LoopWatch:
 
         expect_trailers = False
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal expect_trailers
-            kind = message["type"]
-            final = False
-            if kind == "http.response.start":
-                trace.status = message.get("status")
-                expect_trailers = bool(message.get("trailers", False))
-            elif kind == "http.response.body" or kind == "http.response.zerocopysend":
-                final = not message.get("more_body", False) and not expect_trailers
-            elif kind == "http.response.trailers":
-                final = not message.get("more_trailers", False)
-            elif kind == "http.response.pathsend":
-                final = True
-            if final and trace.otel is not None and trace.otel.span is None:
+        async def send_final(message: Message) -> None:
+            if trace.otel is not None and trace.otel.span is None:
                 # Another middleware's server span (OpenTelemetry's ASGI one) ends with
                 # this message: put our figures on it while it is still open.
                 self._end(trace, scope, root_path, None)
             await send(message)
-            if final and trace.open:
+            if trace.open:
                 self._end(trace, scope, root_path, None)
+
+        def send_wrapper(message: Message) -> Awaitable[None]:
+            # A plain function: a message that does not end the response goes straight
+            # to the server's send, with no coroutine of ours around it.
+            nonlocal expect_trailers
+            kind = message["type"]
+            if kind == "http.response.start":
+                trace.status = message.get("status")
+                expect_trailers = bool(message.get("trailers", False))
+                final = False
+            elif kind == "http.response.body" or kind == "http.response.zerocopysend":
+                final = not message.get("more_body", False) and not expect_trailers
+            elif kind == "http.response.trailers":
+                final = not message.get("more_trailers", False)
+            else:
+                final = kind == "http.response.pathsend"
+            return send_final(message) if final else send(message)
 
         root_path = trace.root_path = scope.get("root_path", "")
         token = current.set(trace)
