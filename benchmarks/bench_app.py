@@ -293,6 +293,14 @@ if "end" in _ablate:
     import loopwatch.middleware
 
     loopwatch.middleware.LoopWatch._end = lambda *a: a[1].close()  # type: ignore[method-assign]
+if "noqueue" in _ablate:  # the line made, not queued: the writer thread never wakes
+    import loopwatch.export.writer
+
+    loopwatch.export.writer.FileWriter.submit = lambda self, record: None  # type: ignore[method-assign]
+if "noline" in _ablate:  # an empty line queued: the writer's cost without the line's
+    import loopwatch._capture.trace
+
+    loopwatch._capture.trace.Trace.line = lambda self, rate=None: b"{}"  # type: ignore[method-assign]
 if "sampler" in _ablate:
     import loopwatch._capture.process
 
