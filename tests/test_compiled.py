@@ -196,16 +196,67 @@ def test_both_step_timers_time_every_step_and_pass_everything_through(timer: typ
         started = asyncio.Event()
         task = asyncio.Task(timer(cancelled(started), t))
         await started.wait()
+        last = t.last_w1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert t.step_c0 == IDLE
-        assert len(t.cpu) == 2 * 8
+        assert t.last_w1 > last  # the step the cancellation ran was timed too
+        # (two intervals, or fewer where a step began within MERGE_GAP_NS of the last)
+        assert 2 * 7 <= len(t.cpu) <= 2 * 8
         # A timer inside a running step of the same trace stays out of the way.
+        drawn = len(t.cpu)
         t.step_c0 = 12345
         assert await timer(work(0), t) == ("done", 0)
         assert t.step_c0 == 12345
-        assert len(t.cpu) == 2 * 8
+        assert len(t.cpu) == drawn
         t.step_c0 = IDLE
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("timer", _timers(), ids=lambda t: t.__module__.rsplit(".", 1)[-1])
+def test_back_to_back_steps_count_the_cpu_the_thread_clock_counts(timer: type) -> None:
+    # Steps that start within loop.ADJACENT_NS of the last one's end take their start
+    # CPU reading from it: the sum must still be what the thread's clock says.
+    import time
+
+    async def busy() -> None:
+        end = time.perf_counter_ns() + 20_000
+        while time.perf_counter_ns() < end:
+            pass
+
+    t = Trace(time.time(), time.perf_counter_ns(), "GET", "/")
+    c0 = time.thread_time_ns()
+    for _ in range(300):
+        step = timer(busy(), t)
+        with pytest.raises(StopIteration):
+            step.send(None)
+    spent = time.thread_time_ns() - c0
+    assert 0.7 * spent <= t.cpu_ns <= spent, (t.cpu_ns, spent)
+
+
+def test_a_back_to_back_step_reads_no_thread_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from loopwatch._capture import steps
+    from loopwatch._capture import trace as trace_mod
+
+    reads = []
+
+    def counted() -> int:
+        reads.append(1)
+        return time.thread_time_ns()
+
+    monkeypatch.setattr(steps, "thread_time_ns", counted)
+    monkeypatch.setattr(trace_mod, "thread_time_ns", counted)
+
+    async def nothing() -> None:
+        pass
+
+    t = Trace(time.time(), time.perf_counter_ns(), "GET", "/")
+    for _ in range(100):
+        with pytest.raises(StopIteration):
+            steps.PythonStepTimer(nothing(), t).send(None)
+    # One read at each step's end; at its start only now and then (a gap past 5 us).
+    assert 100 <= len(reads) < 150, len(reads)

@@ -120,7 +120,10 @@ def test_concurrent_shared_threaded_and_enclosing_blocks(
     for i in range(4):
         rec = records[f"/shared/{i}"]
         assert (rec["db_queries"], rec["db_statements"]) == (1, 1), rec
-        assert rec["db_ms"] >= 50 - 1, rec
+        # (What the loop, busy with the other three, delayed the resume by is loop wait,
+        # not database time: 48.9 + 1.1 ms seen on a loaded machine.)
+        assert rec["db_ms"] + rec["loop_wait_ms"] >= 50 - 1, rec
+        assert rec["db_ms"] >= 40, rec
 
     # In a sync endpoint's thread the request awaits the thread: the blocking call
     # inside the block is database time.
