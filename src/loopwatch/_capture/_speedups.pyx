@@ -607,6 +607,8 @@ cdef class StepTimer:
         return out
 
     def __next__(self):
+        # (send's body again: a raise in a shared cdef function adds a traceback entry,
+        # 0.15 us a step; here Cython ends the iteration without one.)
         cdef PyObject* result = NULL
         cdef PySendResult status = self._step(None, &result)
         out = <object>result
