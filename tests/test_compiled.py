@@ -255,8 +255,13 @@ def test_a_back_to_back_step_reads_no_thread_clock(monkeypatch: pytest.MonkeyPat
         pass
 
     t = Trace(time.time(), time.perf_counter_ns(), "GET", "/")
+    ended = 0
     for _ in range(100):
-        with pytest.raises(StopIteration):
+        try:  # (not pytest.raises: on Python 3.10 it alone takes more than 5 us)
             steps.PythonStepTimer(nothing(), t).send(None)
-    # One read at each step's end; at its start only now and then (a gap past 5 us).
-    assert 100 <= len(reads) < 150, len(reads)
+        except StopIteration:
+            ended += 1
+    assert ended == 100
+    # One read at each step's end; at its start only where the gap since the last end
+    # passed 5 us (a preemption on a busy machine): most starts read none.
+    assert 100 <= len(reads) < 160, len(reads)
