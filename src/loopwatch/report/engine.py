@@ -8,7 +8,7 @@ them, picks the timeline's window and reads just the window's records again in f
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import and_, ge, le
@@ -24,6 +24,7 @@ from . import summary as _summary
 from .capacity import Capacity
 from .loop import LoopStats, summarise_loop
 from .pass2 import read_records
+from .quantiles import vectorised
 from .queueing import sync_workers, traffic_of
 from .reading import MAX_ROUTES, Reading, read_files
 from .slowpath import SAMPLE_SLACK_S
@@ -141,7 +142,7 @@ def build_report(paths: Sequence[str], options: ReportOptions) -> Report:
         summary = _summary.summarise(reading, routes, wall, lambda: _background.spans(reading))
         loop = summarise_loop(reading.loops, summary.first_start, summary.last_end, SAMPLE_SLACK_S)
         indices, title = _window(reading, summary, options)
-        sync = _background.sync_workers(reading)
+        sync = _background.sync_workers(reading, wall.p95 / 1000)
         if sync is None:
             flight = summary.in_flight
             sync = sync_workers(
@@ -205,17 +206,18 @@ def render_diagnosis(report: Report, width: int, *, color: bool = False) -> str:
 def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], str]:
     """The indices (into the reading's arrays) of the timeline's requests, and its title."""
     n = len(r.start)
+    largest = _largest(n)
     if options.last is not None:
-        picked = heapq.nlargest(options.last, range(n), key=r.start.__getitem__)
+        picked = largest(options.last, r.start)
         return picked, f"last {fmt_count(len(picked), 'request')}, by start"
     if options.slowest is not None:
-        picked = heapq.nlargest(options.slowest, range(n), key=r.wall.__getitem__)
+        picked = largest(options.slowest, r.wall)
         return picked, f"{fmt_count(len(picked), 'slowest request')}, by wall time"
     at, peak = s.in_flight.at, s.in_flight.peak
     if peak == 1 and n > 1:
         # Sequential traffic: every request is a "moment" of its own, and the first is
         # usually the cold one. The slowest say more; the timeline cuts the time between.
-        picked = heapq.nlargest(min(_SEQUENTIAL, options.rows), range(n), key=r.wall.__getitem__)
+        picked = largest(min(_SEQUENTIAL, options.rows), r.wall)
         return picked, (
             f"{fmt_count(len(picked), 'slowest request')}, by wall time (never two in flight "
             "at once: no busiest moment to show)"
@@ -231,12 +233,15 @@ def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], 
     # The requests in flight at `at`: of those started at most the longest wall time
     # before it (and a second, for rounding), found in C first, those not ended.
     since = at - max(r.wall) / 1000 - 1.0
-    near = map(and_, map(le, repeat(since), r.start), map(ge, repeat(at), r.start))
-    inside = [
-        i
-        for i in compress(range(n), near)
-        if (a := r.start[i]) <= at and (at < a + r.wall[i] / 1000 or a == at)
-    ]
+    if vectorised(n):
+        from . import vector
+
+        near: Iterable[int] = vector.between(r.start, since, at)
+    else:
+        near = compress(
+            range(n), map(and_, map(le, repeat(since), r.start), map(ge, repeat(at), r.start))
+        )
+    inside = [i for i in near if (a := r.start[i]) <= at and (at < a + r.wall[i] / 1000 or a == at)]
     if len(inside) <= options.rows:
         return inside, title
     # Too many to draw: keep those that overlap most with a moment around the peak
@@ -249,6 +254,15 @@ def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], 
         return (-(min(a + w / 1000, hi) - max(a, lo)), w)
 
     return sorted(inside, key=key)[: options.rows], f"{title} ({options.rows} shown)"
+
+
+def _largest(n: int) -> Callable[[int, Sequence[float]], list[int]]:
+    """``heapq.nlargest(k, range(n), key=keys.__getitem__)``, as a function of k and keys."""
+    if vectorised(n):
+        from . import vector
+
+        return vector.nlargest
+    return lambda k, keys: heapq.nlargest(k, range(n), key=keys.__getitem__)
 
 
 def _scope(options: ReportOptions) -> str:

@@ -144,6 +144,7 @@ def _serve(job_fd: int, result_fd: int) -> None:
             del args
             _write(results, value)
             results.flush()
+            del value  # (not held while the next job runs)
 
 
 class Incoming:

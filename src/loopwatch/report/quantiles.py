@@ -19,6 +19,20 @@ from typing import Any
 
 PARTS = 8  # values are sorted this many parts at a time, at most
 RUN = 1 << 16  # nearly sorted times are sorted this many at a time
+# From this many requests on, the sorts and sweeps are numpy's (:mod:`.vector`): below,
+# importing numpy (0.1 s) would take longer than the plain Python here.
+VECTOR_FROM = 50_000
+
+
+def vectorised(n: int) -> bool:
+    """Whether ``n`` values are worked out by :mod:`.vector` (numpy)."""
+    if n < VECTOR_FROM:
+        return False
+    try:
+        from . import vector  # noqa: F401
+    except ImportError:  # (a dependency, but the plain Python still works without it)
+        return False
+    return True
 
 
 def sorted_parts(values: Iterable[float], n: int) -> list[array[float]]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from itertools import islice
 from operator import add, eq, le
 
-from .quantiles import argsort, sorted_array
+from .quantiles import argsort, sorted_array, vectorised
 from .sweep import counts
 
 # Same throughput: the replay's busy time (any request queued or in service) may exceed
@@ -73,17 +73,27 @@ def traffic_of(
     starts: Sequence[float], services: Sequence[float], busy_s: float, p95_s: float
 ) -> Traffic:
     """:func:`traffic` from each request's service time (s) already worked out."""
-    if all(map(le, starts, islice(starts, 1, None))):  # in order already
-        return Traffic(array("d", starts), array("d", services), busy_s, p95_s)
-    order = argsort(starts)
-    traffic = Traffic(
-        array("d", map(starts.__getitem__, order)),
-        array("d", map(services.__getitem__, order)),
-        busy_s,
-        p95_s,
-    )
-    del order
-    return traffic
+    if vectorised(len(starts)):
+        from . import vector
+
+        st = vector.of(starts)
+        if not vector.in_order(st):
+            ranks = vector.argsort(st)
+            arrivals, sv = vector.taken_at(st, ranks), vector.taken_at(services, ranks)
+            return Traffic(arrivals, sv, busy_s, p95_s)
+        if isinstance(starts, array) and isinstance(services, array):
+            return Traffic(starts, services, busy_s, p95_s)  # (as they are: not copied)
+    elif not all(map(le, starts, islice(starts, 1, None))):
+        order = argsort(starts)
+        traffic = Traffic(
+            array("d", map(starts.__getitem__, order)),
+            array("d", map(services.__getitem__, order)),
+            busy_s,
+            p95_s,
+        )
+        del order
+        return traffic
+    return Traffic(array("d", starts), array("d", services), busy_s, p95_s)  # in order already
 
 
 def replay(
@@ -132,6 +142,12 @@ def concurrency(t: Traffic) -> tuple[int, list[int]]:
     themselves) when they arrived."""
     if not len(t.arrivals):
         return 0, [0]
+    if vectorised(len(t.arrivals)):
+        from . import vector
+
+        found = vector.concurrency(t.arrivals, t.services)
+        if found is not None:
+            return found
     ends = array("d", map(add, t.arrivals, t.services))
     if any(map(eq, ends, t.arrivals)):  # a request that ends as it arrives
         return _concurrency(t)
@@ -201,9 +217,15 @@ def same_latency(t: Traffic, crowd: tuple[int, list[int]]) -> int:
     used)."""
     n = len(t.arrivals)
     allowed_late = n - max(1, (95 * n + 99) // 100)
+    fast = None
+    if vectorised(n):
+        from . import vector
+
+        fast = vector.OnTime(t.arrivals, t.services, t.p95_s)
 
     def test(w: int) -> bool:
-        return _on_time(t, w, t.p95_s, allowed_late)
+        on_time = None if fast is None or not fast.usable else fast.test(w, allowed_late)
+        return _on_time(t, w, t.p95_s, allowed_late) if on_time is None else on_time
 
     # If none queued, a request would find all of W workers busy if it were the W+1-th
     # in service (or later).

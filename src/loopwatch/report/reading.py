@@ -150,6 +150,9 @@ class Reading:
     loops: LoopAcc = field(default_factory=LoopAcc)
     kept: int = 0  # files with an fd
     helper: Helper | None = None  # a process to give work to, if one was started
+    # (background.py: results of its jobs not wanted, and whether it sends the spans)
+    helper_skip: int = 0
+    helper_spans: bool = False
 
     def close(self) -> None:
         self.close_helper()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from . import reading as _reading
 from .firstpass import FirstPass
 from .helper import Helper, Incoming
+from .quantiles import VECTOR_FROM, vectorised
 from .sources import BLOCK, Blocks, pread
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ def read_in_two(source: Source, r: Reading, index: int, info: FileInfo, scope: S
     middle = _line_start(source.fd, source.size // 2, source.size)
     if middle is None:
         return False
+    # A file this big holds more requests than are worked out without numpy: imported
+    # once, before the fork, it is imported in both processes.
+    vectorised(VECTOR_FROM)
     # A helper forked before this file was opened cannot read it: a new one can.
     helper = Helper.start(keep=[source.fd])
     if helper is None:

@@ -6,7 +6,7 @@ import heapq
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain, pairwise
 from typing import Any
 
 from ..renderers.text import (
@@ -22,7 +22,7 @@ from ..renderers.text import (
     width_of,
     wrap,
 )
-from .quantiles import PARTS, largest, percentiles, sorted_parts
+from .quantiles import PARTS, largest, percentiles, sorted_parts, vectorised
 from .quantiles import merged as merged_sorted
 from .reading import Reading, RouteAcc
 from .sweep import InFlight, Spans, in_flight
@@ -110,8 +110,9 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
     each row's wall times, in place."""
     accs = list(reading.routes.values())
     other = reading.other_routes  # past MAX_ROUTES: always in the last row, never a route's
+    vector = _vector(len(reading.start))
     for a in reading.rows():
-        a.walls = array("d", sorted(a.walls))
+        a.walls = array("d", sorted(a.walls)) if vector is None else vector.sort_in_place(a.walls)
     count = len(accs) + (other is not None)
     keep = rows if count <= rows and other is None else rows - 1
     walls = {id(a): sum(a.walls) for a in accs}
@@ -129,7 +130,10 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
         merged = RouteAcc(None)
         for a in rest:
             merged.extend(a)
-        merged.walls = array("d", merged_sorted(a.walls for a in rest))
+        if vector is None:
+            merged.walls = array("d", merged_sorted(a.walls for a in rest))
+        else:
+            merged.walls = vector.sorted_array(vector.joined([a.walls for a in rest]))
         label = f"({len(rest)} more routes)"
         if other is not None:
             label = "(all other routes)"  # more routes than were told apart
@@ -162,8 +166,42 @@ def wall_distribution(r: Reading) -> Distribution:
     """The Distribution of wall times, once route_table() has sorted the rows'."""
     rows = [a.walls for a in r.rows()]
     if len(rows) > PARTS:
-        rows = sorted_parts(chain.from_iterable(rows), len(r.wall))
+        return _distribution(rows, len(r.wall))
     return Distribution.of_parts(rows)
+
+
+def _distribution(rows: list[array[float]], n: int, *, consume: bool = False) -> Distribution:
+    """The Distribution of the ``n`` values of ``rows``, as Distribution.of_parts() of
+    the rows sorted, or, past PARTS rows, of sorted_parts() of their values (``consume``:
+    the rows may be emptied)."""
+    vector = _vector(n)
+    if vector is not None:
+        lengths = [len(v) for v in rows]
+        values = vector.taken(rows) if consume else vector.joined(rows)
+        picked = vector.kth(values, [max(1, (p * n + 99) // 100) - 1 for p in (50, 95, 99)])
+        if picked is not None:
+            p50, p95, p99 = picked
+            return Distribution(p50, p95, p99, float(values.max()) if n else 0.0)
+        # A -0.0 among them (which of equal values each is then shows): in the same parts.
+        cuts = list(accumulate(lengths, initial=0))
+        if len(rows) > PARTS:
+            size = max(1, -(-n // PARTS))  # (as sorted_parts() cuts them)
+            cuts = [*range(0, n, size), n]
+        return Distribution.of_parts([vector.sorted_array(values[a:b]) for a, b in pairwise(cuts)])
+    if len(rows) <= PARTS:
+        parts = [array("d", sorted(v)) for v in rows]
+    else:
+        parts = sorted_parts(chain.from_iterable(rows), n)
+    return Distribution.of_parts(parts)
+
+
+def _vector(n: int) -> Any:
+    """The module :mod:`.vector`, where it is to work out ``n`` values, else None."""
+    if not vectorised(n):
+        return None
+    from . import vector
+
+    return vector
 
 
 @dataclass(frozen=True)
@@ -239,12 +277,8 @@ def summarise(
     for name in ("cpus", "dbs", "pools", "loops"):
         values = [getattr(a, name) for a in rows]
         total = sum(sum(v) for v in values)
-        if len(values) <= PARTS:
-            parts = [array("d", sorted(v)) for v in values]
-        else:
-            parts = sorted_parts(chain.from_iterable(values), n)
-        times[name] = (Distribution.of_parts(parts), total)
-        del values, parts
+        times[name] = (_distribution(values, n, consume=True), total)
+        del values
         for a in rows:
             setattr(a, name, array("d"))
     flight = in_flight(r.start, r.wall, sorted_spans())

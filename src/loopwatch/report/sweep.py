@@ -18,7 +18,7 @@ from itertools import compress, islice, repeat
 from math import inf
 from operator import add, eq, lt, truediv
 
-from .quantiles import sorted_array
+from .quantiles import sorted_array, vectorised
 
 
 def counts(starts: Sequence[float], ends: Sequence[float], *, ties: bool) -> array[int]:
@@ -50,6 +50,10 @@ def counts(starts: Sequence[float], ends: Sequence[float], *, ties: bool) -> arr
 def busy(starts: Sequence[float], ends: Sequence[float]) -> float:
     """The length of the union of the spans [start, end), ``starts`` and ``ends`` each
     sorted."""
+    if vectorised(len(starts)):
+        from . import vector
+
+        return vector.busy(vector.of(starts), vector.of(ends))
     total, since = 0.0, starts[0]
     # A busy period ends before the i-th start when i requests have ended before it:
     # the i-th end is before it (only the requests started before it can have ended).
@@ -88,6 +92,10 @@ def spans(
     starts: Sequence[float], walls: Sequence[float], sorted_starts: Sequence[float] = ()
 ) -> Spans:
     """The Spans of requests (``sorted_starts``: the starts sorted, if they already are)."""
+    if vectorised(len(starts)):
+        from . import vector
+
+        return vector.spans(starts, walls, sorted_starts)
     s = sorted_starts if isinstance(sorted_starts, array) else sorted_array(starts)
     ends = array("d", map(add, starts, map(truediv, walls, repeat(1000))))  # start + wall / 1000
     empty = any(map(eq, ends, starts))
@@ -106,6 +114,10 @@ def in_flight(
     n = len(starts)
     if not n:
         return InFlight(0, 0, 0.0)
+    if vectorised(n):
+        from . import vector
+
+        return vector.in_flight(starts, walls, sorted_spans)
     sp = spans(starts, walls) if sorted_spans is None else sorted_spans
     s, e, zero = sp.starts, sp.ends, sp.empty
     c = counts(s, e, ties=True)  # (as many as there are starts: at least 1 each)
