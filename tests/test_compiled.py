@@ -221,19 +221,25 @@ def test_back_to_back_steps_count_the_cpu_the_thread_clock_counts(timer: type) -
     # CPU reading from it: the sum must still be what the thread's clock says.
     import time
 
+    inside = []  # each step's own CPU, read by the step: a lower bound of what it took
+
     async def busy() -> None:
+        c = time.thread_time_ns()
         end = time.perf_counter_ns() + 20_000
         while time.perf_counter_ns() < end:
             pass
+        inside.append(time.thread_time_ns() - c)
 
     t = Trace(time.time(), time.perf_counter_ns(), "GET", "/")
     c0 = time.thread_time_ns()
     for _ in range(300):
-        step = timer(busy(), t)
-        with pytest.raises(StopIteration):
-            step.send(None)
-    spent = time.thread_time_ns() - c0
-    assert 0.7 * spent <= t.cpu_ns <= spent, (t.cpu_ns, spent)
+        try:  # noqa: SIM105 (no pytest.raises: it alone can take more than 5 us)
+            timer(busy(), t).send(None)
+        except StopIteration:
+            pass
+    spent = time.thread_time_ns() - c0  # everything, the loop's own work between included
+    assert len(inside) == 300
+    assert sum(inside) <= t.cpu_ns <= spent, (sum(inside), t.cpu_ns, spent)
 
 
 def test_a_back_to_back_step_reads_no_thread_clock(monkeypatch: pytest.MonkeyPatch) -> None:
