@@ -4,9 +4,8 @@
 
 Each measured call creates a step timer around a coroutine that returns at once and
 sends it one value: one whole step, the clocks and the trace's interval list included.
-The steps follow each other within microseconds, so the compiled timer's back-to-back
-shortcut (``loop.ADJACENT_NS``) applies to all but the first. Printed: ns per call, best
-of ``--repeat`` runs, next to the bare coroutine and four clock reads for scale.
+Printed: ns per call, best of ``--repeat`` runs, next to the bare coroutine and four
+clock reads for scale.
 """
 
 from __future__ import annotations

@@ -13,18 +13,11 @@ class StepState:
 class MonitorState:
     busy_w0: int
     last_c1: int
-    last_thread: int
     last_w1: int
     run_w0: int
 
 def configure(
-    monitor: Any,
-    idle_ns: int,
-    long_ns: int,
-    min_wait_ns: int,
-    merge_gap_ns: int,
-    max_flat: int,
-    adjacent_ns: int,
+    monitor: Any, idle_ns: int, long_ns: int, min_wait_ns: int, merge_gap_ns: int, max_flat: int
 ) -> None: ...
 def clocks() -> tuple[int, int]: ...
 

@@ -29,7 +29,7 @@ cdef extern from "Python.h":
 
 import msgspec
 
-INTERFACE = 3  # compiled.INTERFACE: what this module offers
+INTERFACE = 2  # compiled.INTERFACE: what this module offers
 
 _encode = msgspec.json.Encoder().encode
 
@@ -467,9 +467,6 @@ cdef extern from "<time.h>" nogil:
     int CLOCK_MONOTONIC
     int CLOCK_THREAD_CPUTIME_ID
 
-cdef extern from "pythread.h":
-    unsigned long PyThread_get_thread_ident()
-
 cdef extern from "Python.h":
     ctypedef enum PySendResult:
         PYGEN_RETURN
@@ -480,7 +477,6 @@ cdef extern from "Python.h":
 
 cdef long long IDLE = -1
 cdef long long _idle_ns = 0, _long_ns = 0, _min_wait_ns = 0, _merge_gap_ns = 0
-cdef long long _adjacent_ns = 0
 cdef Py_ssize_t _max_flat = 0
 
 
@@ -494,21 +490,17 @@ cdef class MonitorState:
     """loop.LoopMonitor's base: the clocks every step reads and writes (ns)."""
 
     cdef public long long busy_w0, last_c1, last_w1, run_w0
-    cdef public unsigned long last_thread  # threading.get_ident() of the last step's end
 
 
 cdef MonitorState _monitor = None
 
 
 def configure(MonitorState monitor, long long idle_ns, long long long_ns,
-              long long min_wait_ns, long long merge_gap_ns, Py_ssize_t max_flat,
-              long long adjacent_ns):
+              long long min_wait_ns, long long merge_gap_ns, Py_ssize_t max_flat):
     """The loop monitor and the thresholds (ns) of loop.py and trace.py, as steps.py
     reads them (again after a benchmark scales them)."""
     global _monitor, _idle_ns, _long_ns, _min_wait_ns, _merge_gap_ns, _max_flat
-    global _adjacent_ns
     _monitor = monitor
-    _adjacent_ns = adjacent_ns
     _idle_ns, _long_ns, _min_wait_ns = idle_ns, long_ns, min_wait_ns
     _merge_gap_ns, _max_flat = merge_gap_ns, max_flat
 
@@ -548,16 +540,13 @@ cdef class StepTimer:
                 raise_current()
             return status
         w0 = now_ns(CLOCK_MONOTONIC)
+        c0 = now_ns(CLOCK_THREAD_CPUTIME_ID)
+        trace.step_w0 = w0
+        trace.step_c0 = c0
         m = _monitor
         if m is None:
             raise RuntimeError("the step timer runs before configure()")
         dw = w0 - m.last_w1
-        if 0 <= dw < _adjacent_ns and m.last_thread == PyThread_get_thread_ident():
-            c0 = m.last_c1 + dw  # (see loop.ADJACENT_NS: no system call)
-        else:
-            c0 = now_ns(CLOCK_THREAD_CPUTIME_ID)
-        trace.step_w0 = w0
-        trace.step_c0 = c0
         off = dw - (c0 - m.last_c1)
         if off > _idle_ns or off < -_idle_ns or dw >= _long_ns:
             (<object>m).gap(w0, c0)
@@ -575,14 +564,13 @@ cdef class StepTimer:
             # close() may have ended the step (and the request) from inside it.
             if trace.step_c0 == c0:
                 # Trace.end_step, inlined.
+                w1 = now_ns(CLOCK_MONOTONIC)
                 c1 = now_ns(CLOCK_THREAD_CPUTIME_ID)
-                w1 = now_ns(CLOCK_MONOTONIC)  # (after c1: the next step may use both)
                 trace.cpu_ns += c1 - c0
                 trace.step_c0 = IDLE
                 trace.last_w1 = w1
                 m.last_w1 = w1
                 m.last_c1 = c1
-                m.last_thread = PyThread_get_thread_ident()
                 m.run_w0 = 0
                 if w1 - w0 >= _long_ns:
                     (<object>m).long_step(w0, w1, c1 - c0, trace)

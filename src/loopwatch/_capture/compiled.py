@@ -10,7 +10,7 @@ import contextlib
 import os
 from types import ModuleType
 
-INTERFACE = 3  # what _speedups.pyx must declare: raised whenever what it offers changes
+INTERFACE = 2  # what _speedups.pyx must declare: raised whenever what it offers changes
 
 speedups: ModuleType | None = None
 if os.environ.get("LOOPWATCH_PURE_PYTHON", "").lower() in ("", "0", "false", "no", "off"):

@@ -46,12 +46,6 @@ MIN_WAIT_NS = 50_000
 # pool_wait_ms) but not drawn: no segment of their own, no split of a db or pool one. A
 # timeline column is wider at any usual width, and most waits under load are this short.
 SEGMENT_NS = 1_000_000
-# A step that starts this soon after the last one ended on the same thread (the next
-# task's step in the same turn of the loop) takes its thread CPU clock from that end
-# plus the wall time between: the thread cannot have left the CPU and come back in so
-# short a gap, and the clock is a system call (0.3-0.6 us here) where the wall clock is
-# not. Both timers; the watchdog's and the sampler's readings are unaffected.
-ADJACENT_NS = 5_000
 RING = 256
 
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)  # Linux
@@ -92,11 +86,10 @@ class _PyMonitorState:
     """The clocks every step reads and writes: LoopMonitor's base. Compiled, the C step
     timer holds them as C integers (``_speedups.MonitorState``)."""
 
-    __slots__ = ("busy_w0", "last_c1", "last_thread", "last_w1", "run_w0")
+    __slots__ = ("busy_w0", "last_c1", "last_w1", "run_w0")
 
     busy_w0: int
     last_c1: int
-    last_thread: int  # the thread whose step ended last (threading.get_ident())
     last_w1: int
     run_w0: int
 
@@ -121,7 +114,6 @@ class LoopMonitor(_MonitorState):
         self.busy_w0 = 0  # perf_counter_ns at the start of the current busy stretch
         self.last_w1 = 0  # wall and thread CPU clocks at the end of the last timed step
         self.last_c1 = 0
-        self.last_thread = 0
         # Voluntary context switches at the last look (a gap off the CPU, a long step's
         # end): unchanged since, the loop thread has not slept of its own accord.
         self.slept = -1

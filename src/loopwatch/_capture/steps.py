@@ -17,14 +17,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine, Generator
 from contextvars import Context
-from threading import get_ident
 from time import perf_counter_ns, thread_time_ns
 from types import TracebackType
 from typing import Any
 
 from . import loop as _loop
 from . import trace as _trace
-from .loop import ADJACENT_NS, IDLE_NS, LONG_NS, MIN_WAIT_NS, monitor
+from .loop import IDLE_NS, LONG_NS, MIN_WAIT_NS, monitor
 from .trace import IDLE, Trace, current
 
 
@@ -42,16 +41,12 @@ class StepTimer(Coroutine[Any, Any, Any]):
         if trace.step_c0 != IDLE:  # a step already running, or the request over
             return self._coro.send(value)
         trace.step_w0 = w0 = perf_counter_ns()
-        m = monitor
-        dw = w0 - m.last_w1
-        if 0 <= dw < ADJACENT_NS and m.last_thread == get_ident():
-            c0 = m.last_c1 + dw  # (see loop.ADJACENT_NS: no system call)
-        else:
-            c0 = thread_time_ns()
-        trace.step_c0 = c0
+        trace.step_c0 = c0 = thread_time_ns()
         # Trace.begin_step inlined, its common case without a call: the loop was neither
         # off the CPU nor held by untimed work since the last step, and this request did
         # not wait for it.
+        m = monitor
+        dw = w0 - m.last_w1
         off = dw - (c0 - m.last_c1)
         if off > IDLE_NS or off < -IDLE_NS or dw >= LONG_NS:
             m.gap(w0, c0)
@@ -173,7 +168,7 @@ def configure() -> None:
     if COMPILED:
         _speedups.configure(
             monitor, _loop.IDLE_NS, _loop.LONG_NS, _loop.MIN_WAIT_NS,
-            _trace.MERGE_GAP_NS, _trace.MAX_FLAT, _loop.ADJACENT_NS,
+            _trace.MERGE_GAP_NS, _trace.MAX_FLAT,
         )  # fmt: skip
 
 

@@ -11,7 +11,6 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable
 from contextvars import ContextVar
-from threading import get_ident
 from time import perf_counter_ns, thread_time_ns
 from typing import TYPE_CHECKING, Any
 
@@ -164,15 +163,14 @@ class Trace(_StepState):
 
     def end_step(self, c0: int, w0: int) -> None:
         """Close the step begun at ``c0``/``w0`` (thread CPU and wall clock)."""
+        w1 = perf_counter_ns()
         c1 = thread_time_ns()
-        w1 = perf_counter_ns()  # (after c1: the next step may take its c0 from them)
         self.cpu_ns += c1 - c0
         self.step_c0 = IDLE
         self.last_w1 = w1
         m = monitor
         m.last_w1 = w1
         m.last_c1 = c1
-        m.last_thread = get_ident()
         m.run_w0 = 0
         if w1 - w0 >= LONG_NS:
             m.long_step(w0, w1, c1 - c0, self)
