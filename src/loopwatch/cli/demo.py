@@ -104,9 +104,7 @@ def _served(
     proc = subprocess.Popen(cmd, env=env, pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL)
     sock.close()
     try:
-        _wait_ready(url, proc)
-        if sync_workers is not None:
-            _wait_workers(proc, sync_workers)
+        _wait_ready(url, proc, sync_workers)
         yield url, proc.pid
     finally:
         if proc.poll() is None:
@@ -118,38 +116,29 @@ def _served(
                 proc.wait()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def _wait_ready(
+    url: str, proc: subprocess.Popen[bytes], workers: int | None = None, timeout: float = 60.0
+) -> None:
+    """Until the server answers /ready and, for gunicorn (``workers``), has forked all its
+    workers: its arbiter spawns them one at a time, up to 0.1 s apart, and the first
+    answers /ready long before the last exists."""
     import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DemoError(f"the demo server exited with status {proc.returncode} at start-up.")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise DemoError("the demo server did not start within a minute.")
-
-
-def _wait_workers(proc: subprocess.Popen[bytes], workers: int, timeout: float = 60.0) -> None:
-    """Until gunicorn has forked all its workers: its arbiter spawns them one at a time,
-    up to 0.1 s apart, and the first answers /ready long before the last exists."""
     import psutil
 
     deadline = time.monotonic() + timeout
+    answered = False
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise DemoError(f"the sync server exited with status {proc.returncode} at start-up.")
-        try:
-            if len(psutil.Process(proc.pid).children()) >= workers:
+            raise DemoError(f"the demo server exited with status {proc.returncode} at start-up.")
+        with contextlib.suppress(httpx.HTTPError):
+            answered = answered or httpx.get(url + "/ready", timeout=1).status_code == 200
+        with contextlib.suppress(psutil.Error):
+            if answered and (
+                workers is None or len(psutil.Process(proc.pid).children()) >= workers
+            ):
                 return
-        except psutil.Error:
-            pass
         time.sleep(0.05)
-    raise DemoError(f"gunicorn did not start its {workers} workers within a minute.")
+    raise DemoError("the demo server did not start within a minute.")
 
 
 # ``--blocking``: this many requests to the demo app's deliberate mistakes, alternately
