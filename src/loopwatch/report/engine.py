@@ -27,6 +27,7 @@ from .pass2 import read_records
 from .quantiles import vectorised
 from .queueing import sync_workers, traffic_of
 from .reading import MAX_ROUTES, Reading, read_files
+from .series import Series, series_of
 from .slowpath import SAMPLE_SLACK_S
 from .summary import Summary
 
@@ -74,6 +75,9 @@ class Report:
     diagnosis: list[str]  # sentences, most important first; empty when all is well
     scope: str = ""  # the filters, in words ("" for everything)
     files: list[dict[str, Any]] = field(default_factory=list)
+    # The processes' samples and the stalls over the period, for charts (not in to_json:
+    # the HTML report and the Perfetto trace carry them).
+    series: Series | None = None
 
     def to_json(self) -> dict[str, Any]:
         s = self.summary
@@ -141,6 +145,7 @@ def build_report(paths: Sequence[str], options: ReportOptions) -> Report:
         _background.give_p95(reading, wall.p95 / 1000)
         summary = _summary.summarise(reading, routes, wall, lambda: _background.spans(reading))
         loop = summarise_loop(reading.loops, summary.first_start, summary.last_end, SAMPLE_SLACK_S)
+        series = series_of(reading.loops)
         indices, title = _window(reading, summary, options)
         sync = _background.sync_workers(reading, wall.p95 / 1000)
         if sync is None:
@@ -174,6 +179,7 @@ def build_report(paths: Sequence[str], options: ReportOptions) -> Report:
             }
             for f in reading.files
         ],
+        series=series,
     )
 
 

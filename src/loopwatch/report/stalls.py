@@ -31,6 +31,11 @@ class LoopAcc:
     sample_time: array[float] = field(default_factory=lambda: array("d"))
     sample_busy: array[float] = field(default_factory=lambda: array("d"))  # share, 0-1
     sample_lag: array[float] = field(default_factory=lambda: array("d"))  # ms
+    # For the time series (``series``): whose sample, and its other figures (-1: unknown).
+    sample_pid: array[int] = field(default_factory=lambda: array("q"))
+    sample_in_flight: array[int] = field(default_factory=lambda: array("q"))
+    sample_rss: array[int] = field(default_factory=lambda: array("q"))
+    sample_uss: array[int] = field(default_factory=lambda: array("q"))
     stall_time: array[float] = field(default_factory=lambda: array("d"))
     stall_ms: array[float] = field(default_factory=lambda: array("d"))
     stall_cpu: array[float] = field(default_factory=lambda: array("d"))  # ms
@@ -54,6 +59,10 @@ class LoopAcc:
         self.sample_time.append(s.time)
         self.sample_busy.append(_NAN if s.loop_busy is None else s.loop_busy)
         self.sample_lag.append(_NAN if s.loop_lag_ms is None else s.loop_lag_ms)
+        self.sample_pid.append(s.pid)
+        self.sample_in_flight.append(_known(s.in_flight))
+        self.sample_rss.append(_known(s.rss_bytes))
+        self.sample_uss.append(_known(s.uss_bytes))
 
     def add_stall(self, s: Stall) -> None:
         self.stall_time.append(s.time)
@@ -97,6 +106,10 @@ class LoopAcc:
         self.sample_time += other.sample_time
         self.sample_busy += other.sample_busy
         self.sample_lag += other.sample_lag
+        self.sample_pid += other.sample_pid
+        self.sample_in_flight += other.sample_in_flight
+        self.sample_rss += other.sample_rss
+        self.sample_uss += other.sample_uss
         locations = [
             _intern(v, self._loc_index, self.locations, MAX_LOCATIONS, OTHER_LOCATION)
             for v in other.locations
@@ -127,6 +140,12 @@ class LoopAcc:
         if route is not None:
             route = clean(route)
         return _intern(route, self._route_index, self.routes, MAX_STALL_ROUTES, OTHER_ROUTE)
+
+
+def _known(value: int | None) -> int:
+    """A sample's count or size for a signed 64-bit array: -1 when it is missing or out of
+    range (negative, or past 2**62: no process holds that)."""
+    return value if value is not None and 0 <= value < 1 << 62 else -1
 
 
 def _intern(value: Any, index: dict[Any, int], values: list[Any], cap: int, other: Any) -> int:
