@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ..record import Frame
 from .stalls import LoopAcc
 
@@ -108,6 +106,8 @@ def series_of(acc: LoopAcc, max_points: int = MAX_POINTS, max_stalls: int = MAX_
     n = len(acc.sample_pid)
     if n == 0:
         return Series([], _stalls(acc, max_stalls), len(acc.stall_time))
+    import numpy as np  # (here: a report without samples need not import it)
+
     pid = np.frombuffer(acc.sample_pid, dtype=np.int64, count=n)
     time = np.frombuffer(acc.sample_time, dtype=np.float64, count=n)
     processes = []
@@ -119,6 +119,8 @@ def series_of(acc: LoopAcc, max_points: int = MAX_POINTS, max_stalls: int = MAX_
 
 
 def _process(acc: LoopAcc, pid: int, rows: Any, max_points: int) -> ProcessSeries:
+    import numpy as np
+
     time = np.frombuffer(acc.sample_time, dtype=np.float64)[rows]
     counts = {
         name: np.frombuffer(getattr(acc, name), dtype=np.int64)[rows].astype(np.float64)
@@ -156,6 +158,8 @@ def _process(acc: LoopAcc, pid: int, rows: Any, max_points: int) -> ProcessSerie
 
 def _most(values: Any, starts: Any) -> Any:
     """The largest value of each stretch, NaN where none was measured."""
+    import numpy as np
+
     return np.fmax.reduceat(values, starts)
 
 
