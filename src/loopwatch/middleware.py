@@ -19,6 +19,7 @@ from ._capture.process import state
 from ._capture.steps import StepTimer, TaskFactory, install_task_factory
 from ._capture.trace import Trace, current
 from ._capture.watchdog import DEFAULT_STALL_S, learn_base
+from .export import server_timing as _server_timing
 from .export.sql import QUERY_TEXT_MODES, QueryText
 from .export.writer import SHUTDOWN_WAIT_S, FileWriter, writer_for
 from .record import MIN_SAMPLE_RATE, BlockedBy, RequestRecord, error_type
@@ -80,13 +81,31 @@ class LoopWatch:
     unsampled request gets no span and no request metrics; its steps are not timed, so a
     sampled request it holds up sees its loop wait held by unnamed work.
 
+    Server-Timing: with ``server_timing=True`` (default ``$LOOPWATCH_SERVER_TIMING``,
+    ``1`` or ``0``, else off) each recorded response gets a ``Server-Timing`` header
+    (W3C Server Timing) that browsers' developer tools show beside the request::
+
+        Server-Timing: cpu;dur=12.345;desc="CPU on the loop", db;dur=20.512;desc="awaited DB",
+                       pool;dur=0.004;desc="pool wait", loop;dur=0.000;desc="loop wait"
+
+    (one line, wrapped here). Durations are milliseconds, measured as the record measures
+    them, up to the moment the app sends ``http.response.start``: the request's CPU on
+    the loop (including the step running then), its DB time and pool wait (queries and
+    acquires finished by then, overlaps counted once, loop wait taken out) and its loop
+    wait. A streaming response's later work is in its record, not in the header. A
+    ``Server-Timing`` header the app set stays as it is; loopwatch's is a header line of
+    its own after it. Unsampled requests, requests an outer LoopWatch records, and
+    non-HTTP scopes get none; off, it costs one attribute check per response. Every
+    client sees the header: turn it on where these figures may be shown.
+
     Raises ValueError for a non-positive ``sample_interval``, ``stall_threshold``,
     ``max_bytes`` or ``backup_count``, a ``sample_rate`` that is not a number from 1e-06
-    to 1, or a
+    to 1, a ``server_timing`` that is not a bool, or a
     ``query_text`` other than those above. A bad ``LOOPWATCH_SAMPLE_RATE``,
-    ``LOOPWATCH_STALL_MS``, ``LOOPWATCH_MAX_BYTES`` or ``LOOPWATCH_BACKUP_COUNT`` is not
-    an error: it is logged once (the ``loopwatch`` logger) and the default is used, so a
-    typo in a deployment's environment cannot take the app down.
+    ``LOOPWATCH_STALL_MS``, ``LOOPWATCH_MAX_BYTES``, ``LOOPWATCH_BACKUP_COUNT`` or
+    ``LOOPWATCH_SERVER_TIMING`` is not an error: it is logged once (the ``loopwatch``
+    logger) and the default is used, so a typo in a deployment's environment cannot take
+    the app down.
     """
 
     def __init__(
@@ -107,6 +126,7 @@ class LoopWatch:
         max_bytes: int | None = _FROM_ENV,
         backup_count: int | None = None,
         sample_rate: float | None = None,
+        server_timing: bool | None = None,
     ) -> None:
         if file is _FROM_ENV:
             file = os.environ.get("LOOPWATCH_FILE") or _DEFAULT_FILE
@@ -134,7 +154,15 @@ class LoopWatch:
             raise ValueError(
                 f"stall_threshold must be a positive number of seconds, not {stall_threshold!r}."
             )
+        if server_timing is None:
+            server_timing = _env_number(
+                "LOOPWATCH_SERVER_TIMING", False, "1 or 0 (true/false, yes/no, on/off)",
+                _flag, lambda on: True,
+            )  # fmt: skip
+        if not isinstance(server_timing, bool):
+            raise ValueError(f"server_timing must be True or False, not {server_timing!r}.")
         self.app = app
+        self.server_timing = server_timing
         self.sample_interval = sample_interval
         self.sample_rate = float(sample_rate)
         self.stall_threshold = stall_threshold
@@ -249,6 +277,8 @@ class LoopWatch:
             nonlocal expect_trailers
             kind = message["type"]
             if kind == "http.response.start":
+                if self.server_timing and trace.status is None:  # off: this check only
+                    message = self._with_server_timing(message, trace)
                 trace.status = message.get("status")
                 expect_trailers = bool(message.get("trailers", False))
                 final = False
@@ -284,6 +314,15 @@ class LoopWatch:
                 pass
         if trace.open:  # the app returned without a final body (e.g. it never responded)
             self._end(trace, scope, root_path, None)
+
+    def _with_server_timing(self, message: Message, trace: Trace) -> Message:
+        """The response's first start message with the ``Server-Timing`` header added;
+        should that fail, ``message`` as the app sent it."""
+        try:
+            return _server_timing.with_header(message, trace)
+        except Exception as exc:
+            _failures.failed("adding the Server-Timing header", exc)
+            return message
 
     def _check_otel(self, tick: int) -> None:
         """Look for an SDK's tracer and meter providers (made once found: the meter's
@@ -396,6 +435,16 @@ def _blocked_by(held: Held, overlap_ns: int) -> BlockedBy:
     """Name what held the loop while a request waited (its route, if it still runs)."""
     ident, method, route = held.owner()
     return BlockedBy(ident, method, route, overlap_ns // 1000 / 1000, held.cpu_ns // 1000 / 1000)
+
+
+def _flag(raw: str) -> bool:
+    """An on/off setting's value from the environment."""
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def _env_number(

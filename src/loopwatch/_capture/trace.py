@@ -210,11 +210,11 @@ class Trace(_StepState):
         self.step_c0 = CLOSED
         self.end_ns = perf_counter_ns()
 
-    def spans(self) -> tuple[int, int, list[tuple[int, str, int]], int]:
+    def spans(self, end: int | None = None) -> tuple[int, int, list[tuple[int, str, int]], int]:
         """DB time, pool wait (ns, unions, loop wait taken out), every interval to draw
         as ``(start, kind, end)`` in ns, sorted, and how many were not drawn (past
-        MAX_INTERVALS of a kind): the one computation behind both :meth:`to_record` and
-        :meth:`to_json`."""
+        MAX_INTERVALS of a kind): the one computation behind :meth:`to_record`,
+        :meth:`to_json` and :meth:`so_far`. Up to ``end`` (default: the request's end)."""
         cpu = self.cpu
         spans = [(cpu[i], "cpu", cpu[i + 1]) for i in range(0, len(cpu), 2)]
         db_ns = pool_ns = 0
@@ -224,7 +224,9 @@ class Trace(_StepState):
                 (db, pool, loop), self.more, strict=True))  # fmt: skip
         dropped = self.dropped
         if db or pool:
-            start, end = self.start_ns, self.end_ns
+            start = self.start_ns
+            if end is None:
+                end = self.end_ns
             # Loop waits are disjoint and in time order (each starts after the request's
             # previous step); the part of a db or pool interval inside one is loop wait.
             h0s, h1s = loop[::2], loop[1::2]
@@ -244,6 +246,16 @@ class Trace(_StepState):
         if len(spans) > MAX_INTERVALS:
             spans, dropped = _cap(spans, dropped)
         return db_ns, pool_ns, spans, dropped
+
+    def so_far(self) -> tuple[int, int, int, int]:
+        """CPU, DB time, pool wait and loop wait (ns) of the open request up to now: the
+        running step's CPU included; DB and pool time of the intervals ended so far,
+        computed as :meth:`spans` does for the record."""
+        now = perf_counter_ns()
+        c0 = self.step_c0
+        cpu_ns = self.cpu_ns + (thread_time_ns() - c0 if c0 >= 0 else 0)
+        db_ns, pool_ns, _, _ = self.spans(now)
+        return cpu_ns, db_ns, pool_ns, self.loop_ns
 
     def to_record(self) -> RequestRecord:
         """The record of a closed trace."""

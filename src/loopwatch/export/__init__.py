@@ -1,1 +1,1 @@
-"""Exporters: the record file, OpenTelemetry spans and metrics."""
+"""Exporters: the record file, OpenTelemetry spans and metrics, the Server-Timing header."""
