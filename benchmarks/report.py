@@ -7,7 +7,9 @@ little CPU, pool waits and one to three queries a request, bursts of four times 
 samples every 0.5 s) with the real record classes, then times, in a fresh process,
 build_report, the text `loopwatch report` prints, its ``--json`` and each renderer, and
 reports the peak RSS of that process and of its helper process (which shares pages with
-it: the two peaks overstate what they hold together).
+it: the two peaks overstate what they hold together); then, in another fresh process
+each, what ``--perfetto`` and ``--html`` do (build_report with their larger window, the
+trace or the page).
 """
 
 from __future__ import annotations
@@ -150,14 +152,67 @@ def measure(path: str) -> dict[str, float]:
     }
 
 
+def measure_perfetto(path: str) -> dict[str, float]:
+    """What ``loopwatch report FILE --perfetto OUT`` does: build_report with the files'
+    window (FILE_ROWS requests), the trace, written out."""
+    from loopwatch.cli.main import FILE_ROWS
+    from loopwatch.renderers.perfetto import perfetto_trace
+    from loopwatch.report import ReportOptions, build_report
+
+    t0 = time.perf_counter()
+    report = build_report([path], ReportOptions(rows=FILE_ROWS))
+    t1 = time.perf_counter()
+    data = perfetto_trace(report)
+    t2 = time.perf_counter()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        f.write(data)
+    return {
+        "build_s": t1 - t0,
+        "perfetto_s": t2 - t1,
+        "bytes": len(data),
+        "window": len(report.window),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+def measure_html(path: str) -> dict[str, float]:
+    """What ``loopwatch report FILE --html OUT`` does: build_report with the files' window
+    (FILE_ROWS requests), then the page."""
+    from loopwatch.cli.main import FILE_ROWS
+    from loopwatch.renderers.html import html_report
+    from loopwatch.report import ReportOptions, build_report
+
+    t0 = time.perf_counter()
+    report = build_report([path], ReportOptions(rows=FILE_ROWS))
+    t1 = time.perf_counter()
+    page = html_report(report)
+    t2 = time.perf_counter()
+    return {
+        "build_s": t1 - t0,
+        "html_s": t2 - t1,
+        "bytes": len(page),
+        "window": len(report.window),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1_000_000)
     parser.add_argument("--keep", metavar="FILE", help="write the record file here and keep it")
     parser.add_argument("--measure", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-perfetto", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-html", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure)))
+        return
+    if args.measure_perfetto:
+        print(json.dumps(measure_perfetto(args.measure_perfetto)))
+        return
+    if args.measure_html:
+        print(json.dumps(measure_html(args.measure_html)))
         return
     path = args.keep or tempfile.mktemp(prefix="loopwatch-bench-", suffix=".jsonl")
     try:
@@ -185,6 +240,31 @@ def main() -> None:
             f"peak RSS: {result['peak_rss_mb']:.0f} MB "
             f"(interpreter and imports: {result['baseline_rss_mb']:.0f} MB); "
             f"helper process: {result['children_peak_rss_mb']:.0f} MB"
+        )
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure-perfetto", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        p = json.loads(out.stdout)
+        print(
+            f"--perfetto: build_report {p['build_s']:.2f} s + trace {p['perfetto_s']:.3f} s "
+            f"= {p['build_s'] + p['perfetto_s']:.2f} s; {p['window']:,} requests, "
+            f"{p['bytes'] / 1e6:.1f} MB; peak RSS {p['peak_rss_mb']:.0f} MB "
+            f"(helper process: {p['children_peak_rss_mb']:.0f} MB)"
+        )
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure-html", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        h = json.loads(out.stdout)
+        print(
+            f"--html: build_report {h['build_s']:.2f} s + page {h['html_s']:.3f} s "
+            f"= {h['build_s'] + h['html_s']:.2f} s; {h['window']:,} requests, "
+            f"{h['bytes'] / 1e6:.2f} MB; peak RSS {h['peak_rss_mb']:.0f} MB"
         )
     finally:
         if not args.keep and os.path.exists(path):

@@ -70,14 +70,20 @@ def render(report: Report, width: int, *, ascii: bool = False, color: bool = Fal
 
 
 def _report(args: argparse.Namespace) -> int:
+    outputs = [(args.html, "html"), (args.perfetto, "perfetto")]
+    to_files = args.html is not None or args.perfetto is not None
     options = ReportOptions(
         last=args.last, slowest=args.slowest, route=args.route, since=args.since, until=args.until
     )
+    if to_files:  # a file's timeline has room for more rows than a terminal
+        options.rows = FILE_ROWS
     try:
         report = build_report(args.files, options)
     except ReportError as exc:
         print(f"loopwatch: {exc}", file=sys.stderr)
         return 1
+    if to_files:
+        return _write_outputs(report, outputs, args.json)
     if args.json:
         text = json.dumps(report.to_json(), indent=2)
     else:
@@ -89,6 +95,64 @@ def _report(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"loopwatch: note: {problem}", file=sys.stderr)
     return 0
+
+
+FILE_ROWS = 2000  # the default window of --html and --perfetto, in requests
+
+
+def _write_outputs(report: Report, outputs: list[tuple[str | None, str]], also_json: bool) -> int:
+    """``--html`` and ``--perfetto``: write each file, and print the JSON summary too if
+    ``--json`` was given."""
+    if _write_files(report, outputs):
+        return 1
+    if also_json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+        sys.stdout.flush()
+    for problem in report.problems:
+        print(f"loopwatch: note: {problem}", file=sys.stderr)
+    return 0
+
+
+def _write_files(report: Report, outputs: list[tuple[str | None, str]]) -> int:
+    """Write each ``(path, kind)`` (whole or not at all) and say where on stderr; 0, or
+    1 when one could not be written (the error said on stderr)."""
+    from ..renderers import html, perfetto
+
+    writers = {"html": html.html_report, "perfetto": perfetto.perfetto_trace}
+    for path, kind in outputs:
+        if path is None:
+            continue
+        try:
+            size = _write_atomically(Path(path), writers[kind](report))
+        except OSError as exc:
+            print(f"loopwatch: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        print(f"loopwatch: wrote {path} ({fmt_bytes(size)})", file=sys.stderr)
+    return 0
+
+
+def _write_atomically(path: Path, data: bytes) -> int:
+    """Write ``data`` to ``path`` through a temporary file beside it, so a reader never
+    sees half a file and a failure leaves no file; returns the bytes written."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return len(data)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -118,6 +182,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"loopwatch: {exc}", file=sys.stderr)
         return 1
     report, seconds = reports[0], ran.seconds
+    if _write_files(report, [(args.html, "html"), (args.perfetto, "perfetto")]):
+        return 1
     query_ms = demo_query_ms()
     sent = f"{args.requests} concurrent requests, each a little CPU and a {query_ms} ms query"
     if blocking:
@@ -273,6 +339,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--until", type=_time, metavar="TIME", help="only requests before TIME")
     _output_options(report)
     report.add_argument("--json", action="store_true", help="the summary as JSON")
+    _file_outputs(report, "instead of printing the report")
 
     demo = sub.add_parser(
         "demo",
@@ -296,8 +363,22 @@ def _parser() -> argparse.ArgumentParser:
         help="also send a few requests that block the event loop (CPU on the loop, "
         "time.sleep in an async endpoint): what a blocked loop looks like",
     )
+    _file_outputs(demo, "as well")
     _output_options(demo)
     return parser
+
+
+def _file_outputs(parser: argparse.ArgumentParser, how: str) -> None:
+    parser.add_argument(
+        "--html",
+        metavar="OUT",
+        help=f"write a self-contained HTML report (charts, timeline) to OUT, {how}",
+    )
+    parser.add_argument(
+        "--perfetto",
+        metavar="OUT",
+        help=f"write a Chrome/Perfetto trace (JSON) to OUT, for ui.perfetto.dev, {how}",
+    )
 
 
 def _output_options(parser: argparse.ArgumentParser) -> None:
