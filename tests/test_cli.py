@@ -353,10 +353,23 @@ def test_demo_blocking_records_stalls_at_the_demo_apps_blocking_lines(
     assert waited, [(r.path, r.loop_wait_ms, r.blocked_by) for r in requests]
 
 
-def test_demo_blocking_says_what_it_sent() -> None:
+def test_demo_blocking_says_what_it_sent(tmp_path: Path) -> None:
     before = _demo_leftovers()
-    result = loopwatch("demo", "--blocking", "--width", "110", "--requests", "40", timeout=180)
+    html, trace = tmp_path / "demo.html", tmp_path / "demo.json"
+    result = loopwatch(
+        "demo", "--blocking", "--width", "110", "--requests", "40",
+        "--html", str(html), "--perfetto", str(trace), timeout=180,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    # The files of the report printed: its figures, its stalls.
+    assert f"loopwatch: wrote {html} (" in result.stderr
+    assert f"loopwatch: wrote {trace} (" in result.stderr
+    page = html.read_text(encoding="utf-8")
+    data = json.loads(page.split('type="application/json"', 1)[1].split(">", 1)[1].split("<", 1)[0])
+    assert data["report"]["requests"] == 44
+    assert data["series"]["stall_count"] >= 4
+    events = json.loads(trace.read_bytes())["traceEvents"]
+    assert sum(e["ph"] == "i" for e in events) == data["series"]["stall_count"]
     first = result.stdout.splitlines()[0]
     assert first.startswith("40 concurrent requests, each a little CPU and a 50 ms query, ")
     assert "4 that block the event loop for 150 ms each" in first
