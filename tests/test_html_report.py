@@ -368,6 +368,108 @@ def test_the_route_table_has_the_rows_of_json(
                 assert row.locator(f'td[data-col="{heading}"]').text_content() == cell(stats)
 
 
+FIGURES = ("wall", "cpu", "db", "pool_wait", "loop_wait")
+PCTS = ("p50", "p95", "p99", "max")
+
+
+def test_each_route_s_distributions_show_the_figures_of_json(
+    browser: Any, page_of_recorded: tuple[Path, dict[str, Any]]
+) -> None:
+    path, data = page_of_recorded
+    with opened(browser, path) as seen:
+        page = seen.page
+        for fold in page.locator("#routes .dist-more summary").all():  # (past 8 rows)
+            fold.click()
+        for i, route in enumerate(data["routes"]):
+            drawn = [f for f in FIGURES if f == "wall" or route[f"{f}_max_ms"] > 0]
+            rows = page.locator(f'.dist-g[data-route="{i}"]')
+            assert [rows.nth(k).get_attribute("data-figure") for k in range(rows.count())] == drawn
+            for f in drawn:
+                row = page.locator(f'.dist-g[data-route="{i}"][data-figure="{f}"]')
+                for p in PCTS:
+                    shown = row.locator(f'[data-key="{f}_{p}_ms"]').text_content()
+                    assert shown == fmt_ms(route[f"{f}_{p}_ms"]), (route["route"], f, p)
+                # The glyph in the order of its figures: box p50 to p95 (2 px at least),
+                # the line's cap at p99, the diamond at max.
+                b = {k: row.locator(f".{k}").bounding_box() for k in ("box", "cap", "max")}
+                p99, top = (b[k]["x"] + b[k]["width"] / 2 for k in ("cap", "max"))
+                assert b["box"]["x"] + b["box"]["width"] <= p99 + 2.5
+                assert p99 <= top + 1
+        # Hovering one shows its figures.
+        i, route = next((i, r) for i, r in enumerate(data["routes"]) if r["db_max_ms"] > 0)
+        page.locator(f'.dist-g[data-route="{i}"][data-figure="db"] .dist-track').hover()
+        tip = page.locator("#tip")
+        tip.wait_for(state="visible")
+        text = tip.inner_text()
+        label = route["route"] if route["method"] is None else f"{route['method']} {route['route']}"
+        assert f"{label}: awaited DB" in text
+        kv = (
+            "[...document.querySelectorAll('#tip .kv')].map((e) => [e.children[0].textContent, "
+            "e.children[1].textContent])"
+        )
+        assert dict(page.evaluate(kv)) == {
+            **{p: fmt_ms(route[f"db_{p}_ms"]) for p in PCTS},
+            "mean": fmt_ms(route["db_mean_ms"]),
+            "requests": f"{route['requests']:,}",
+        }
+        page.mouse.move(1, 1)
+        tip.wait_for(state="hidden")
+
+
+def test_the_route_glyphs_sit_on_a_log_axis_when_the_times_span_decades(
+    browser: Any, tmp_path: Path
+) -> None:
+    # 100 requests: walls of 10 ms (50), 100 ms (49) and 1 s, 1 ms of CPU each, so that
+    # wall p50 = 10 ms, p95 = p99 = 100 ms, max = 1 s; no pool or loop wait.
+    walls = [10.0] * 50 + [100.0] * 49 + [1000.0]
+    reqs = [request(k, T0 + 0.002 * k, wall_ms=w, cpu_ms=1.0, db_ms=0.0,
+                    segments=(("cpu", 0.0, 1.0),)) for k, w in enumerate(walls)]  # fmt: skip
+    path, data = html_and_json(write(tmp_path / "log.jsonl", *reqs))
+    (route,) = data["routes"]
+    assert [route[f"wall_{p}_ms"] for p in PCTS] == [10.0, 100.0, 100.0, 1000.0]
+    with opened(browser, path) as seen:
+        page = seen.page
+        assert seen.errors == []
+        assert page.get_attribute("#route-dist", "data-scale") == "log"
+        assert page.text_content("#dist-scale-note").startswith("Log scale")
+        labels = page.locator(".dist-axis .dist-scale span").all_text_contents()
+        assert labels == ["\u22641ms", "10ms", "100ms", "1s"]
+        wall = page.locator('.dist-g[data-figure="wall"]')
+        grid = [b["x"] for b in (g.bounding_box() for g in wall.locator(".gl").all())]
+        assert grid[1] - grid[0] == pytest.approx(grid[3] - grid[2], abs=1)  # decades alike
+
+        def at(sel: str, side: str = "middle") -> float:
+            b = wall.locator(sel).bounding_box()
+            return b["x"] + {"left": 0, "middle": b["width"] / 2, "right": b["width"]}[side]
+
+        assert at(".box", "left") == pytest.approx(grid[1], abs=1.5)  # p50: 10 ms
+        assert at(".box", "right") == pytest.approx(grid[2], abs=1.5)  # p95: 100 ms
+        assert at(".cap") == pytest.approx(grid[2], abs=1.5)  # p99: 100 ms
+        assert at(".max") == pytest.approx(grid[3], abs=1.5)  # max: 1 s
+        cpu = page.locator('.dist-g[data-figure="cpu"] .box').bounding_box()
+        assert cpu["x"] == pytest.approx(grid[0], abs=1.5)  # 1 ms, the axis's left end
+        assert "no awaited DB, no pool wait, no loop wait" in page.text_content(".dist-label")
+
+
+def test_the_route_glyphs_sit_on_a_linear_axis_when_the_times_are_alike(
+    browser: Any, tmp_path: Path
+) -> None:
+    # (and 10 routes: the first 8 shown, the others under a fold)
+    reqs = [request(k, T0 + 0.05 * k, wall_ms=40.0 + k, route=f"/r{k % 10}") for k in range(20)]
+    path, data = html_and_json(write(tmp_path / "linear.jsonl", *reqs))
+    with opened(browser, path) as seen:
+        page = seen.page
+        assert seen.errors == []
+        assert page.get_attribute("#route-dist", "data-scale") == "linear"
+        assert page.text_content("#dist-scale-note").startswith("Linear scale from 0")
+        labels = page.locator(".dist-axis .dist-scale span").all_text_contents()
+        assert labels[0] == "0"
+        assert page.locator(".dist-route:visible").count() == 8
+        page.locator("#routes .dist-more summary").click()
+        routes = page.locator(".dist-route .route").all_text_contents()
+        assert routes == [f"GET {r['route']}" for r in data["routes"]]
+
+
 def route_stats(r: dict[str, Any]) -> RouteStats:
     return RouteStats(
         route=r["route"],
@@ -626,6 +728,13 @@ def test_it_fits_a_phone_and_a_tap_shows_a_request(
         tip = page.locator("#tip").bounding_box()
         assert tip["x"] >= 0
         assert tip["x"] + tip["width"] <= 390
+        # A tap on a route's distribution shows its figures, and stays.
+        wall = page.locator('.dist-g[data-route="0"][data-figure="wall"] .dist-track')
+        wall.scroll_into_view_if_needed()
+        b = wall.bounding_box()
+        page.touchscreen.tap(b["x"] + b["width"] / 2, b["y"] + b["height"] / 2)
+        assert ": wall" in page.locator("#tip").inner_text()
+        assert page.locator("#tip").is_visible()
 
 
 # --- in the browser: edge cases ------------------------------------------------------------

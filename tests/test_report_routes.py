@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from loopwatch.cli.main import main
 from loopwatch.record import RequestRecord
-from loopwatch.report import ReportError, render_routes, render_summary
+from loopwatch.report import ReportError, quantiles, render_routes, render_summary
 from loopwatch.report import reading as _reading
 from loopwatch.report.reading import parse_route
 
@@ -86,10 +88,13 @@ def test_json_rows_name_the_method_and_count_4xx_apart(tmp_path: Path) -> None:
     assert data["route_count"] == 6
     assert data["errors"] == 2  # as before: 5xx or raised
     assert list(data["routes"][0]) == [
-        "method", "route", "requests", "wall_p50_ms", "wall_p95_ms", "cpu_mean_ms",
-        "db_mean_ms", "pool_wait_mean_ms", "loop_wait_mean_ms", "db_statements_mean",
-        "db_queries_mean", "client_errors", "errors",
-        "wall_total_ms",
+        "method", "route", "requests", "wall_p50_ms", "wall_p95_ms", "wall_p99_ms",
+        "wall_max_ms", "cpu_mean_ms", "cpu_p50_ms", "cpu_p95_ms", "cpu_p99_ms", "cpu_max_ms",
+        "db_mean_ms", "db_p50_ms", "db_p95_ms", "db_p99_ms", "db_max_ms",
+        "pool_wait_mean_ms", "pool_wait_p50_ms", "pool_wait_p95_ms", "pool_wait_p99_ms",
+        "pool_wait_max_ms", "loop_wait_mean_ms", "loop_wait_p50_ms", "loop_wait_p95_ms",
+        "loop_wait_p99_ms", "loop_wait_max_ms", "db_statements_mean", "db_queries_mean",
+        "client_errors", "errors", "wall_total_ms",
     ]  # fmt: skip
 
 
@@ -185,3 +190,108 @@ def test_statements_and_queries_per_request_once_recorded(tmp_path: Path) -> Non
     rows = {(r["method"], r["route"]): r for r in report.to_json()["routes"]}
     assert rows[("GET", ARTICLES)]["db_statements_mean"] == 3.5
     assert rows[("GET", ARTICLES)]["db_queries_mean"] == round(23 / 3, 3)
+
+
+# --- the distributions of each row ----------------------------------------------------------
+
+FIGURES = {"wall": "wall_ms", "cpu": "cpu_ms", "db": "db_ms", "pool_wait": "pool_wait_ms",
+           "loop_wait": "loop_wait_ms"}  # fmt: skip
+
+
+def truth(records: list[RequestRecord]) -> dict[str, float]:
+    """The percentiles and maxima of ``records``, worked out here: the nearest rank, the
+    ceil(p/100 * n)-th smallest value."""
+    out = {}
+    for name, field in FIGURES.items():
+        values = sorted(getattr(r, field) for r in records)
+        for p in (50, 95, 99):
+            out[f"{name}_p{p}_ms"] = round(values[math.ceil(p * len(values) / 100) - 1], 3)
+        out[f"{name}_max_ms"] = round(values[-1], 3)
+    return out
+
+
+def timed(rng: random.Random, route: str | None, k: int, pid: int = 1) -> RequestRecord:
+    """A request of times drawn at random: mostly short, with a long tail, many zeros."""
+    cpu = round(rng.expovariate(1.0), 3)
+    db = round(rng.choice([0.0, rng.expovariate(0.1)]), 3)
+    pool = round(rng.choice([0.0, 0.0, 0.0, rng.paretovariate(1.5)]), 3)
+    loop = round(rng.choice([0.0, rng.random() * 3]), 3)
+    wall = round(cpu + db + pool + loop + rng.random() * 5, 3)
+    return call("GET", route, k * 0.001, wall, cpu_ms=cpu, db_ms=db, pool_wait_ms=pool,
+                loop_wait_ms=loop, pid=pid)  # fmt: skip
+
+
+@pytest.fixture(params=["plain", "numpy"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Below VECTOR_FROM requests (plain Python), or from it on (numpy)."""
+    monkeypatch.setattr(quantiles, "VECTOR_FROM", 1 << 62 if request.param == "plain" else 1)
+    return str(request.param)
+
+
+def test_each_row_has_the_percentiles_of_its_requests(tmp_path: Path, way: str) -> None:
+    rng = random.Random(11)
+    sizes = {"/a": 1, "/b": 2, "/c": 19, "/d": 20, "/e": 101, "/f": 1500, None: 37}
+    records = [timed(rng, route, k) for route, n in sizes.items() for k in range(n)]
+    rng.shuffle(records)
+    data = report_of(record_file(tmp_path, records)).to_json()
+    assert len(data["routes"]) == len(sizes)
+    for row in data["routes"]:
+        route = None if row["route"] == "(no route)" else row["route"]
+        want = truth([r for r in records if r.route == route])
+        assert {k: row[k] for k in want} == want, route
+    # (the wall's p50 and p95 are as they were)
+    assert all(r["wall_p50_ms"] <= r["wall_p95_ms"] <= r["wall_p99_ms"] <= r["wall_max_ms"]
+               for r in data["routes"])  # fmt: skip
+
+
+def test_one_route_s_distributions_are_the_summary_s(tmp_path: Path, way: str) -> None:
+    rng = random.Random(5)
+    data = report_of(record_file(tmp_path, [timed(rng, ARTICLES, k) for k in range(900)]))
+    (row,) = data.to_json()["routes"]
+    summary = data.to_json()
+    for name, field in FIGURES.items():
+        assert {p: row[f"{name}_{p}_ms"] for p in ("p50", "p95", "p99", "max")} == summary[field]
+
+
+def test_the_merged_rows_have_the_percentiles_of_all_their_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    rng = random.Random(3)
+    # 25 routes: 19 rows and "(6 more routes)".
+    records = [timed(rng, f"/r{i}", k) for i in range(25) for k in range(60 - 2 * i)]
+
+    def merged(rows: list[dict[str, object]]) -> list[RequestRecord]:
+        rest = {f"/r{i}" for i in range(25)} - {r["route"] for r in rows[:-1]}
+        assert len(rest) == 6
+        return [r for r in records if r.route in rest]
+
+    rows = report_of(record_file(tmp_path, records)).to_json()["routes"]
+    assert len(rows) == 20
+    assert rows[-1]["route"] == "(6 more routes)"
+    want = truth(merged(rows))
+    assert {k: rows[-1][k] for k in want} == want
+    # Past MAX_ROUTES: the routes not told apart (the last three) are merged too.
+    monkeypatch.setattr(_reading, "MAX_ROUTES", 22)
+    rows = report_of(record_file(tmp_path, records, "s.jsonl")).to_json()["routes"]
+    assert rows[-1]["route"] == "(all other routes)"
+    assert {"/r22", "/r23", "/r24"} <= {r.route for r in merged(rows)}
+    want = truth(merged(rows))
+    assert {k: rows[-1][k] for k in want} == want
+
+
+def test_a_sampled_route_s_percentiles_are_of_its_recorded_requests(
+    tmp_path: Path, way: str
+) -> None:
+    # As the summary's: one recorded request of a process that samples a tenth counts
+    # once, not ten times (the page and the Sampled line say the figures are the sample's).
+    rng = random.Random(8)
+    recorded = [timed(rng, ARTICLES, k) for k in range(300)]
+    sampled = recorded[:100]
+    for r in sampled:
+        r.sample_rate = 0.1
+    data = report_of(record_file(tmp_path, recorded)).to_json()
+    assert (data["sampled_requests"], data["requests_estimated"]) == (100, 1200)
+    (row,) = data["routes"]
+    assert row["requests"] == 300
+    want = truth(recorded)
+    assert {k: row[k] for k in want} == want

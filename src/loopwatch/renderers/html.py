@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..report import Report
 
 # The script's parts, in the order they run.
-_SCRIPTS = ("format.js", "dom.js", "view.js", "timeline.js", "charts.js", "page.js")
+_SCRIPTS = ("format.js", "dom.js", "view.js", "timeline.js", "charts.js", "routes.js", "page.js")
 # A segment's kind as the timeline's state number (renderers/timeline.py: CPU, LOOP, ...).
 _STATE = {"cpu": 0, "loop": 1, "pool": 2, "db": 3}
 _TEXT_LIMIT = 200  # as the terminal's timeline cleans its row text

@@ -47,7 +47,10 @@ class Distribution:
 
     @classmethod
     def of(cls, values: Iterable[float]) -> Distribution:
-        s = sorted(values)
+        return cls.of_sorted(sorted(values))
+
+    @classmethod
+    def of_sorted(cls, s: Sequence[float]) -> Distribution:
         return cls(percentile(s, 50), percentile(s, 95), percentile(s, 99), s[-1] if s else 0.0)
 
     @classmethod
@@ -58,6 +61,9 @@ class Distribution:
 
     def to_json(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in vars(self).items()}
+
+
+_NONE = Distribution(0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,12 @@ class RouteStats:
     # Mean db_statements per request, over the requests that recorded it (None: none did).
     statements_mean: float | None = None
     queries_mean: float = 0.0  # mean db_queries (round trips) per request
+    # Their distributions (of the recorded requests, as the summary's, when sampled).
+    wall: Distribution = _NONE
+    cpu: Distribution = _NONE
+    db: Distribution = _NONE
+    pool: Distribution = _NONE
+    loop: Distribution = _NONE
 
     @property
     def label(self) -> str:
@@ -90,10 +102,15 @@ class RouteStats:
             "requests": self.requests,
             "wall_p50_ms": round(self.wall_p50, 3),
             "wall_p95_ms": round(self.wall_p95, 3),
+            **_keys("wall", self.wall, ("p99", "max")),
             "cpu_mean_ms": round(self.cpu_mean, 3),
+            **_keys("cpu", self.cpu),
             "db_mean_ms": round(self.db_mean, 3),
+            **_keys("db", self.db),
             "pool_wait_mean_ms": round(self.pool_mean, 3),
+            **_keys("pool_wait", self.pool),
             "loop_wait_mean_ms": round(self.loop_mean, 3),
+            **_keys("loop_wait", self.loop),
             "db_statements_mean": (
                 None if self.statements_mean is None else round(self.statements_mean, 3)
             ),
@@ -102,6 +119,12 @@ class RouteStats:
             "errors": self.errors,
             "wall_total_ms": round(self.wall_total, 3),
         }
+
+
+def _keys(
+    name: str, d: Distribution, which: tuple[str, ...] = ("p50", "p95", "p99", "max")
+) -> dict[str, float]:
+    return {f"{name}_{k}_ms": round(getattr(d, k), 3) for k in which}
 
 
 def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteStats], int]:
@@ -118,9 +141,11 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
     walls = {id(a): sum(a.walls) for a in accs}
     top = heapq.nlargest(keep, accs, key=lambda a: walls[id(a)])
     out = [
-        _route_stats(a, "(no route)")
+        _route_stats(a, "(no route)", vector=vector)
         if a.route is None
-        else _route_stats(a, clean(a.route), None if a.method is None else clean(a.method))
+        else _route_stats(
+            a, clean(a.route), None if a.method is None else clean(a.method), vector=vector
+        )
         for a in top
     ]
     rest = [a for a in accs if not any(a is t for t in top)]
@@ -137,20 +162,23 @@ def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteSta
         label = f"({len(rest)} more routes)"
         if other is not None:
             label = "(all other routes)"  # more routes than were told apart
-        out.append(_route_stats(merged, label))
+        out.append(_route_stats(merged, label, vector=vector))
     return out, count
 
 
-def _route_stats(a: RouteAcc, name: str, method: str | None = None) -> RouteStats:
+def _route_stats(
+    a: RouteAcc, name: str, method: str | None = None, *, vector: Any = None
+) -> RouteStats:
     walls = a.walls  # (sorted)
+    wall = Distribution.of_sorted(walls)
     n = max(a.count, 1)
     return RouteStats(
         route=name,
         method=method,
         client_errors=a.client_errors,
         requests=a.count,
-        wall_p50=percentile(walls, 50),
-        wall_p95=percentile(walls, 95),
+        wall_p50=wall.p50,
+        wall_p95=wall.p95,
         cpu_mean=sum(a.cpus) / n,
         db_mean=sum(a.dbs) / n,
         pool_mean=sum(a.pools) / n,
@@ -159,7 +187,30 @@ def _route_stats(a: RouteAcc, name: str, method: str | None = None) -> RouteStat
         queries_mean=a.queries / n,
         errors=a.errors,
         wall_total=sum(walls),
+        wall=wall,
+        cpu=_row_distribution(a.cpus, vector),
+        db=_row_distribution(a.dbs, vector),
+        pool=_row_distribution(a.pools, vector),
+        loop=_row_distribution(a.loops, vector),
     )
+
+
+def _row_distribution(values: array[float], vector: Any) -> Distribution:
+    """Distribution.of() the ``values``, left as they are (summarise() reads them in file
+    order): with numpy (``vector``), by selection on a copy rather than a sort."""
+    if vector is None or not values:
+        return Distribution.of(values)
+    copy = vector.joined([values])
+    picked = vector.kth(copy, _ranks(len(copy)))
+    if picked is None:  # a -0.0 among them: which zero shows is sorted()'s
+        return Distribution.of_sorted(vector.sorted_array(copy))
+    p50, p95, p99 = picked
+    return Distribution(p50, p95, p99, float(copy.max()))
+
+
+def _ranks(n: int) -> list[int]:
+    """Where percentile() finds p50, p95 and p99 of ``n`` sorted values."""
+    return [max(1, (p * n + 99) // 100) - 1 for p in (50, 95, 99)]
 
 
 def wall_distribution(r: Reading) -> Distribution:
@@ -178,7 +229,7 @@ def _distribution(rows: list[array[float]], n: int, *, consume: bool = False) ->
     if vector is not None:
         lengths = [len(v) for v in rows]
         values = vector.taken(rows) if consume else vector.joined(rows)
-        picked = vector.kth(values, [max(1, (p * n + 99) // 100) - 1 for p in (50, 95, 99)])
+        picked = vector.kth(values, _ranks(n))
         if picked is not None:
             p50, p95, p99 = picked
             return Distribution(p50, p95, p99, float(values.max()) if n else 0.0)

@@ -82,5 +82,5 @@ const tip = {
 
 // A tap anywhere but on a chart puts the details away (a mouse does it by leaving).
 document.addEventListener("pointerdown", (e) => {
-  if (!(e.target instanceof Element && e.target.closest(".tl-box, .chart"))) tip.hide();
+  if (!(e.target instanceof Element && e.target.closest(".tl-box, .chart, .dist-g"))) tip.hide();
 });

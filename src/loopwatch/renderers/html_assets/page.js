@@ -122,46 +122,17 @@ function routes(r) {
     h("tbody", {}, rows.map((row, i) => h("tr", { "data-route": i },
       h("th", { scope: "row", class: "route", text: routeLabel(row) }),
       cols.map(([k, cell]) => h("td", { "data-col": k, text: cell(row) }))))));
+  const dist = routeDistributions(rows, r);
   const more = r.route_count > rows.length ? h("p", { class: "muted", text: `${fmt.count(r.route_count, "row")} in all: the last one holds the rest.` }) : null;
   return section("routes", "Routes",
     h("p", { class: "muted", text: `By total wall time (mean ${means} pool wait and loop wait per request)` }),
     h("div", { class: "scroll" }, table), more,
     h("h3", {}, "Where each route's time goes"),
-    h("p", { class: "muted" }, "The bar: wall time from p50 to p95, a tick at the mean. Under it, the mean CPU, " +
-      "database, pool and loop waits per request, in the timeline's colours (the driver's CPU inside a query " +
-      "counts in both CPU and database)."),
-    distribution(rows));
-}
-
-function distribution(rows) {
-  const mean = (r) => (r.requests ? r.wall_total_ms / r.requests : 0);
-  const parts = (r) => [[CPU, r.cpu_mean_ms], [DB, r.db_mean_ms], [POOL, r.pool_wait_mean_ms], [LOOP, r.loop_wait_mean_ms]];
-  let top = 0;
-  for (const r of rows) top = Math.max(top, r.wall_p95_ms, mean(r), parts(r).reduce((a, [, v]) => a + v, 0));
-  if (!(top > 0)) top = 1;
-  const pct = (v) => `${Math.max(0, Math.min(100, (v / top) * 100))}%`;
-  const list = h("div", { class: "dist" });
-  for (const r of rows) {
-    const range = h("div", { class: "range" });
-    range.style.left = pct(r.wall_p50_ms);
-    range.style.width = pct(r.wall_p95_ms - r.wall_p50_ms);
-    const tick = h("div", { class: "tick" });
-    tick.style.left = pct(mean(r));
-    const stack = h("div", { class: "stack" });
-    for (const [s, v] of parts(r)) {
-      if (!(v > 0)) continue;
-      const seg = h("div", { class: "sw s" + s, title: `${STATE_NAMES[s]} ${fmt.ms(v)}` });
-      seg.style.width = pct(v);
-      stack.append(seg);
-    }
-    list.append(h("div", { class: "dist-row" },
-      h("div", { class: "dist-label", text: routeLabel(r) }),
-      h("div", { class: "dist-track" }, range, tick, stack),
-      h("div", { class: "dist-fig", text: `${fmt.ms(r.wall_p50_ms)}\u2013${fmt.ms(r.wall_p95_ms)}, mean ${fmt.ms(mean(r))}` })));
-  }
-  list.append(h("div", { class: "dist-row dist-axis" }, h("div", {}), h("div", { class: "dist-scale" },
-    h("span", { text: "0" }), h("span", { text: fmt.ms(top) })), h("div", {})));
-  return list;
+    h("p", { class: "muted" }, "Per request: the wall time and its parts (the driver's CPU inside a query counts in both " +
+      "CPU and database), each a distribution over the route's requests in the timeline's colours. " +
+      (r.sampled_requests ? "Of the recorded requests (a sample: see the summary). " : "") +
+      "Hover or tap a row for its figures."),
+    ...distLegend(dist.axis), dist.list);
 }
 
 function who(routes) {
