@@ -452,3 +452,31 @@ def test_the_sync_side_starts_measuring_once_every_worker_exists(pg_dsn: str) ->
     with demo._served(pg_dsn, None, 8) as (_, pid):
         workers = psutil.Process(pid).children()
         assert len(workers) == 8, workers
+
+
+def test_file_outputs_never_replace_what_is_not_a_report_file(tmp_path: Path) -> None:
+    from .test_report_split import recording, write
+
+    records = write(tmp_path / "r.jsonl", recording(300))
+    kept = records.read_bytes()
+    for args, said in [
+        (("--html", str(records)), "is a file being read"),
+        (("--perfetto", str(records)), "is a file being read"),
+        (("--html", str(tmp_path / "o"), "--perfetto", str(tmp_path / "o")), "is also written"),
+        (("--html", str(tmp_path)), "not a regular file"),
+        (("--html", "/dev/null"), "not a regular file"),
+        (("--html", ""), "needs a file name"),
+    ]:
+        result = loopwatch("report", str(records), *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert said in result.stderr, (args, result.stderr)
+    assert records.read_bytes() == kept
+    assert not (tmp_path / "o").exists()
+    assert Path("/dev/null").is_char_device()
+    # A symbolic link is written through, and stays a link.
+    (tmp_path / "target.html").write_text("old")
+    (tmp_path / "link.html").symlink_to(tmp_path / "target.html")
+    result = loopwatch("report", str(records), "--html", str(tmp_path / "link.html"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "link.html").is_symlink()
+    assert (tmp_path / "target.html").read_text().startswith("<!doctype html>")

@@ -72,6 +72,11 @@ def render(report: Report, width: int, *, ascii: bool = False, color: bool = Fal
 def _report(args: argparse.Namespace) -> int:
     outputs = [(args.html, "html"), (args.perfetto, "perfetto")]
     to_files = args.html is not None or args.perfetto is not None
+    if to_files:  # (before the reading: a wrong path is said at once)
+        refused = _refused_outputs(outputs, args.files)
+        if refused:
+            print(f"loopwatch: {refused}", file=sys.stderr)
+            return 2
     options = ReportOptions(
         last=args.last, slowest=args.slowest, route=args.route, since=args.since, until=args.until
     )
@@ -113,6 +118,32 @@ def _write_outputs(report: Report, outputs: list[tuple[str | None, str]], also_j
     return 0
 
 
+def _refused_outputs(outputs: list[tuple[str | None, str]], inputs: Sequence[str]) -> str:
+    """Why the ``--html``/``--perfetto`` paths cannot be written, or "": an empty path,
+    one that is not a regular file (a device, a directory, a pipe: a file is written
+    beside the path and renamed onto it, which would replace it), one of the record
+    files read (it would be replaced, and the app writing it would lose what follows),
+    or the same path twice."""
+    seen: list[Path] = []
+    for path, kind in outputs:
+        if path is None:
+            continue
+        if not path:
+            return f"--{kind} needs a file name."
+        target = Path(os.path.realpath(path))  # a symbolic link: what it points to
+        if target.exists() and not target.is_file():
+            return f"--{kind} {path}: not a regular file; name a file to write."
+        for other in [*map(Path, inputs), *seen]:
+            with contextlib.suppress(OSError):
+                if target == Path(os.path.realpath(other)) or (
+                    target.exists() and other.exists() and target.samefile(other)
+                ):
+                    what = "is also written" if other in seen else "is a file being read"
+                    return f"--{kind} {path} {what}: name another file."
+        seen.append(target)
+    return ""
+
+
 def _write_files(report: Report, outputs: list[tuple[str | None, str]]) -> int:
     """Write each ``(path, kind)`` (whole or not at all) and say where on stderr; 0, or
     1 when one could not be written (the error said on stderr)."""
@@ -136,7 +167,8 @@ def _write_atomically(path: Path, data: bytes) -> int:
     sees half a file and a failure leaves no file; returns the bytes written."""
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    path = Path(os.path.realpath(path))  # a symbolic link stays one: write its target
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -161,6 +193,13 @@ def _demo(args: argparse.Namespace) -> int:
     dsn = args.dsn or os.environ.get("LOOPWATCH_DSN")
     blocking = demo.BLOCKING_REQUESTS if args.blocking else 0
     reports: list[Report] = []
+    files = [(args.html, "html"), (args.perfetto, "perfetto")]
+    to_files = args.html is not None or args.perfetto is not None
+    refused = _refused_outputs(files, []) if to_files else ""
+    if refused:  # said before the demo runs, not after
+        print(f"loopwatch: {refused}", file=sys.stderr)
+        return 2
+    wide: list[Report] = []
 
     def sync_workers_for(record_file: Path) -> int:
         reports.append(build_report([str(record_file)], ReportOptions()))
@@ -178,11 +217,13 @@ def _demo(args: argparse.Namespace) -> int:
             )
             if not reports:
                 reports.append(build_report([str(ran.record_file)], ReportOptions()))
+            if to_files:  # the same run, with the files' window (the terminal's has 40 rows)
+                wide.append(build_report([str(ran.record_file)], ReportOptions(rows=FILE_ROWS)))
     except (demo.DemoError, ReportError) as exc:
         print(f"loopwatch: {exc}", file=sys.stderr)
         return 1
     report, seconds = reports[0], ran.seconds
-    if _write_files(report, [(args.html, "html"), (args.perfetto, "perfetto")]):
+    if wide and _write_files(wide[0], files):
         return 1
     query_ms = demo_query_ms()
     sent = f"{args.requests} concurrent requests, each a little CPU and a {query_ms} ms query"
