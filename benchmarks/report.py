@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from loopwatch.record import Meta, ProcessSample, RequestRecord
 
@@ -197,6 +198,15 @@ def measure_html(path: str) -> dict[str, float]:
     }
 
 
+def _in_a_fresh_process(flag: str, path: str) -> dict[str, Any]:
+    """What ``--measure*`` ``flag`` prints for ``path``, measured in a new interpreter."""
+    out = subprocess.run(
+        [sys.executable, __file__, flag, path], capture_output=True, text=True, check=True
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1_000_000)
@@ -224,13 +234,7 @@ def main() -> None:
             f"in {time.perf_counter() - t0:.1f} s"
         )
         # A fresh process, so the peak RSS is the report's alone.
-        out = subprocess.run(
-            [sys.executable, __file__, "--measure", path],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        result = json.loads(out.stdout)
+        result = _in_a_fresh_process("--measure", path)
         print(result.pop("output"))
         print(
             f"build_report: {result['build_s']:.2f} s   text: {result['text_s']:.3f} s   "
@@ -241,26 +245,14 @@ def main() -> None:
             f"(interpreter and imports: {result['baseline_rss_mb']:.0f} MB); "
             f"helper process: {result['children_peak_rss_mb']:.0f} MB"
         )
-        out = subprocess.run(
-            [sys.executable, __file__, "--measure-perfetto", path],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        p = json.loads(out.stdout)
+        p = _in_a_fresh_process("--measure-perfetto", path)
         print(
             f"--perfetto: build_report {p['build_s']:.2f} s + trace {p['perfetto_s']:.3f} s "
             f"= {p['build_s'] + p['perfetto_s']:.2f} s; {p['window']:,} requests, "
             f"{p['bytes'] / 1e6:.1f} MB; peak RSS {p['peak_rss_mb']:.0f} MB "
             f"(helper process: {p['children_peak_rss_mb']:.0f} MB)"
         )
-        out = subprocess.run(
-            [sys.executable, __file__, "--measure-html", path],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        h = json.loads(out.stdout)
+        h = _in_a_fresh_process("--measure-html", path)
         print(
             f"--html: build_report {h['build_s']:.2f} s + page {h['html_s']:.3f} s "
             f"= {h['build_s'] + h['html_s']:.2f} s; {h['window']:,} requests, "

@@ -67,12 +67,7 @@ class SeriesChart {
   }
 
   draw() {
-    if (this.pending) return;
-    this.pending = true;
-    requestAnimationFrame(() => {
-      this.pending = false;
-      this.paint();
-    });
+    drawSoon(this);
   }
 
   paint() {

@@ -41,6 +41,16 @@ function cssVar(name) {
 }
 
 // A canvas sized for its box and the screen's pixel density; returns its 2D context.
+// Paint ``view`` (its paint()) at the next frame, once however often this is called.
+function drawSoon(view) {
+  if (view.pending) return;
+  view.pending = true;
+  requestAnimationFrame(() => {
+    view.pending = false;
+    view.paint();
+  });
+}
+
 function fitCanvas(canvas, width, height) {
   const ratio = window.devicePixelRatio || 1;
   const w = Math.max(1, Math.round(width * ratio));

@@ -179,12 +179,7 @@ class Timeline {
   }
 
   draw() {
-    if (this.pending) return;
-    this.pending = true;
-    requestAnimationFrame(() => {
-      this.pending = false;
-      this.paint();
-    });
+    drawSoon(this);
   }
 
   paint() {
