@@ -303,12 +303,12 @@ def test_cli_cannot_write_an_unwritable_path_and_leaves_nothing(
     assert main(["report", str(demo_file), "--perfetto", str(missing)]) == 1
     err = capsys.readouterr().err
     assert err == f"loopwatch: cannot write {missing}: No such file or directory\n"
-    # A directory where the file should go: the temporary file beside it is removed.
+    # A directory where the file should go: refused before anything is written.
     target = tmp_path / "taken"
     target.mkdir()
-    assert main(["report", str(demo_file), "--perfetto", str(target)]) == 1
+    assert main(["report", str(demo_file), "--perfetto", str(target)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"loopwatch: cannot write {target}: ")
+    assert err == f"loopwatch: --perfetto {target}: not a regular file; name a file to write.\n"
     assert sorted(os.listdir(tmp_path)) == ["taken"]
     assert os.listdir(target) == []
 

@@ -63,7 +63,9 @@ def test_timed_blocks_match_what_the_endpoint_measured(
         rec = records[f"/gate/{truth['n']}"]
         assert abs(rec["pool_wait_ms"] + rec["loop_wait_ms"] - truth["pool_ms"]) <= 5, (truth, rec)
         assert rec["pool_wait_ms"] >= truth["pool_ms"] - 5, (truth, rec)
-        assert rec["db_ms"] >= 100 - 1, rec
+        # (A resume the loop delayed is loop wait, taken out of db: under load, a little.)
+        assert rec["db_ms"] + rec["loop_wait_ms"] >= 100 - 1, rec
+        assert rec["db_ms"] >= 90, rec
         # The db block inside the pool block was the checkout's: no query of its own.
         assert (rec["db_queries"], rec["db_statements"]) == (1, 1), rec
 
@@ -140,7 +142,9 @@ def test_concurrent_shared_threaded_and_enclosing_blocks(
         assert rec["pool_wait_ms"] <= truth["pool_ms"] + 1, (truth, rec)
         assert rec["pool_wait_ms"] + rec["loop_wait_ms"] >= truth["pool_ms"] - 3, (truth, rec)
         assert rec["db_ms"] + rec["pool_wait_ms"] <= truth["pool_ms"] + truth["db_ms"] + 1
-        assert rec["db_ms"] >= 100 - 1, rec
+        # (A resume the loop delayed is loop wait, taken out of db: under load, a little.)
+        assert rec["db_ms"] + rec["loop_wait_ms"] >= 100 - 1, rec
+        assert rec["db_ms"] >= 90, rec
         assert (rec["db_queries"], rec["db_statements"]) == (1, 1), rec
     assert max(r.json()["pool_ms"] for r in units) >= 90  # one of them did wait
 
