@@ -109,7 +109,8 @@ def test_pool_wait_on_a_pool_of_one(app_server: tuple[Server, Path, str]) -> Non
         waited = rec["pool_wait_ms"] + rec["loop_wait_ms"]
         assert waited + rec["cpu_ms"] >= truth["pool_ms"] - 2, (truth, rec)
         assert rec["pool_wait_ms"] <= truth["pool_ms"] + 1, (truth, rec)
-        assert rec["pool_wait_ms"] >= truth["pool_ms"] - 10, (truth, rec)
+        # Only the loop wait (a resume a loaded machine delayed) is taken out of it.
+        assert rec["pool_wait_ms"] >= truth["pool_ms"] - 10 - rec["loop_wait_ms"], (truth, rec)
         assert rec["db_ms"] >= 100 - 2, rec
         assert rec["db_ms"] <= truth["db_ms"] + 1, (truth, rec)
         assert rec["db_statements"] == 1
