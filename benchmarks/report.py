@@ -153,23 +153,23 @@ def measure(path: str) -> dict[str, float]:
     }
 
 
-def measure_perfetto(path: str) -> dict[str, float]:
-    """What ``loopwatch report FILE --perfetto OUT`` does: build_report with the files'
-    window (FILE_ROWS requests), the trace, written out."""
-    from loopwatch.cli.main import FILE_ROWS
-    from loopwatch.renderers.perfetto import perfetto_trace
+def measure_file(kind: str, path: str) -> dict[str, float]:
+    """What ``loopwatch report FILE --html OUT`` (``kind`` "html") or ``--perfetto OUT``
+    ("perfetto") does: build_report with the files' window (FILE_ROWS requests), then the
+    file's bytes, written out."""
+    from loopwatch.cli.main import FILE_ROWS, file_renderer
     from loopwatch.report import ReportOptions, build_report
 
     t0 = time.perf_counter()
     report = build_report([path], ReportOptions(rows=FILE_ROWS))
     t1 = time.perf_counter()
-    data = perfetto_trace(report)
+    data = file_renderer(kind)(report)
     t2 = time.perf_counter()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+    with tempfile.NamedTemporaryFile() as f:
         f.write(data)
     return {
         "build_s": t1 - t0,
-        "perfetto_s": t2 - t1,
+        "render_s": t2 - t1,
         "bytes": len(data),
         "window": len(report.window),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -177,31 +177,11 @@ def measure_perfetto(path: str) -> dict[str, float]:
     }
 
 
-def measure_html(path: str) -> dict[str, float]:
-    """What ``loopwatch report FILE --html OUT`` does: build_report with the files' window
-    (FILE_ROWS requests), then the page."""
-    from loopwatch.cli.main import FILE_ROWS
-    from loopwatch.renderers.html import html_report
-    from loopwatch.report import ReportOptions, build_report
-
-    t0 = time.perf_counter()
-    report = build_report([path], ReportOptions(rows=FILE_ROWS))
-    t1 = time.perf_counter()
-    page = html_report(report)
-    t2 = time.perf_counter()
-    return {
-        "build_s": t1 - t0,
-        "html_s": t2 - t1,
-        "bytes": len(page),
-        "window": len(report.window),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-
-
-def _in_a_fresh_process(flag: str, path: str) -> dict[str, Any]:
-    """What ``--measure*`` ``flag`` prints for ``path``, measured in a new interpreter."""
+def _in_a_fresh_process(args: list[str]) -> dict[str, Any]:
+    """What this script prints with ``args`` (a hidden ``--measure*`` option), measured
+    in a new interpreter."""
     out = subprocess.run(
-        [sys.executable, __file__, flag, path], capture_output=True, text=True, check=True
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=True
     )
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -212,17 +192,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1_000_000)
     parser.add_argument("--keep", metavar="FILE", help="write the record file here and keep it")
     parser.add_argument("--measure", metavar="FILE", help=argparse.SUPPRESS)
-    parser.add_argument("--measure-perfetto", metavar="FILE", help=argparse.SUPPRESS)
-    parser.add_argument("--measure-html", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-file", nargs=2, metavar=("KIND", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure)))
         return
-    if args.measure_perfetto:
-        print(json.dumps(measure_perfetto(args.measure_perfetto)))
-        return
-    if args.measure_html:
-        print(json.dumps(measure_html(args.measure_html)))
+    if args.measure_file:
+        print(json.dumps(measure_file(*args.measure_file)))
         return
     path = args.keep or tempfile.mktemp(prefix="loopwatch-bench-", suffix=".jsonl")
     try:
@@ -234,7 +210,7 @@ def main() -> None:
             f"in {time.perf_counter() - t0:.1f} s"
         )
         # A fresh process, so the peak RSS is the report's alone.
-        result = _in_a_fresh_process("--measure", path)
+        result = _in_a_fresh_process(["--measure", path])
         print(result.pop("output"))
         print(
             f"build_report: {result['build_s']:.2f} s   text: {result['text_s']:.3f} s   "
@@ -245,19 +221,14 @@ def main() -> None:
             f"(interpreter and imports: {result['baseline_rss_mb']:.0f} MB); "
             f"helper process: {result['children_peak_rss_mb']:.0f} MB"
         )
-        p = _in_a_fresh_process("--measure-perfetto", path)
-        print(
-            f"--perfetto: build_report {p['build_s']:.2f} s + trace {p['perfetto_s']:.3f} s "
-            f"= {p['build_s'] + p['perfetto_s']:.2f} s; {p['window']:,} requests, "
-            f"{p['bytes'] / 1e6:.1f} MB; peak RSS {p['peak_rss_mb']:.0f} MB "
-            f"(helper process: {p['children_peak_rss_mb']:.0f} MB)"
-        )
-        h = _in_a_fresh_process("--measure-html", path)
-        print(
-            f"--html: build_report {h['build_s']:.2f} s + page {h['html_s']:.3f} s "
-            f"= {h['build_s'] + h['html_s']:.2f} s; {h['window']:,} requests, "
-            f"{h['bytes'] / 1e6:.2f} MB; peak RSS {h['peak_rss_mb']:.0f} MB"
-        )
+        for kind, what in (("perfetto", "trace"), ("html", "page")):
+            m = _in_a_fresh_process(["--measure-file", kind, path])
+            print(
+                f"--{kind}: build_report {m['build_s']:.2f} s + {what} {m['render_s']:.3f} s "
+                f"= {m['build_s'] + m['render_s']:.2f} s; {m['window']:,} requests, "
+                f"{m['bytes'] / 1e6:.2f} MB; peak RSS {m['peak_rss_mb']:.0f} MB "
+                f"(helper process: {m['children_peak_rss_mb']:.0f} MB)"
+            )
     finally:
         if not args.keep and os.path.exists(path):
             os.unlink(path)

@@ -10,7 +10,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,17 +144,26 @@ def _refused_outputs(outputs: list[tuple[str | None, str]], inputs: Sequence[str
     return ""
 
 
+def file_renderer(kind: str) -> Callable[[Report], bytes]:
+    """The renderer of ``--html`` (``"html"``) or ``--perfetto`` (``"perfetto"``),
+    imported when first asked for."""
+    if kind == "html":
+        from ..renderers.html import html_report
+
+        return html_report
+    from ..renderers.perfetto import perfetto_trace
+
+    return perfetto_trace
+
+
 def _write_files(report: Report, outputs: list[tuple[str | None, str]]) -> int:
     """Write each ``(path, kind)`` (whole or not at all) and say where on stderr; 0, or
     1 when one could not be written (the error said on stderr)."""
-    from ..renderers import html, perfetto
-
-    writers = {"html": html.html_report, "perfetto": perfetto.perfetto_trace}
     for path, kind in outputs:
         if path is None:
             continue
         try:
-            size = _write_atomically(Path(path), writers[kind](report))
+            size = _write_atomically(Path(path), file_renderer(kind)(report))
         except OSError as exc:
             print(f"loopwatch: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
             return 1
