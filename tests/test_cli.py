@@ -199,17 +199,31 @@ def test_report_of_a_blocked_loop_names_the_blocking_line(tmp_path: Path, pg_dsn
         async def burst() -> None:
             import asyncio
 
+            import asyncpg
+
             limits = httpx.Limits(max_connections=30)
+            watcher = await asyncpg.connect(pg_dsn)
             async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as c:
-                # As many queries as the pool has connections, each held 200 ms by
-                # PostgreSQL, and a block sent while they run: their replies come back to
-                # a held loop. (With tiny queries all sent at once, the block sometimes
-                # arrived after them all: no loop wait, no diagnosis.)
+                # As many queries as the pool has connections, each held 300 ms by
+                # PostgreSQL, and a 1 s block sent once PostgreSQL shows all of them
+                # running: their replies come back to a held loop, so each waits for the
+                # loop about twice as long as for the database. (A block sent after a fixed
+                # 100 ms sometimes arrived before the queries under load, in a CI run: no
+                # loop wait, no diagnosis.)
                 queries = [
-                    asyncio.ensure_future(c.get(f"/q/{i}?pg_sleep_ms=200")) for i in range(5)
+                    asyncio.ensure_future(c.get(f"/q/{i}?pg_sleep_ms=300")) for i in range(5)
                 ]
-                await asyncio.sleep(0.1)
-                await c.post("/block?kind=sleep&ms=400")
+                running = (
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE state = 'active' AND query LIKE '%FROM pg_sleep($1)%'"
+                    " AND pid <> pg_backend_pid()"
+                )
+                deadline = time.monotonic() + 20
+                while await watcher.fetchval(running) < 5:
+                    assert time.monotonic() < deadline, "the queries never reached PostgreSQL"
+                    await asyncio.sleep(0.005)
+                await watcher.close()
+                await c.post("/block?kind=sleep&ms=1000")
                 await asyncio.gather(*queries)
 
         import asyncio
