@@ -432,8 +432,15 @@ def _file_outputs(parser: argparse.ArgumentParser, how: str) -> None:
 
 
 def _output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--width", type=_width_arg, metavar="W", help="columns (default: terminal)")
-    parser.add_argument("--ascii", action="store_true", help="draw with # . %% instead of blocks")
+    parser.add_argument(
+        "--width",
+        type=_width_arg,
+        metavar="W",
+        help="the text report's columns (default: terminal)",
+    )
+    parser.add_argument(
+        "--ascii", action="store_true", help="draw the text report with # . %% instead of blocks"
+    )
 
 
 def run() -> None:
