@@ -473,9 +473,14 @@ def test_file_outputs_never_replace_what_is_not_a_report_file(tmp_path: Path) ->
 
     records = write(tmp_path / "r.jsonl", recording(300))
     kept = records.read_bytes()
+    rotated = tmp_path / "r.jsonl.1"  # read with r.jsonl, as its older part
+    rotated.write_bytes(kept)
     for args, said in [
         (("--html", str(records)), "is a file being read"),
         (("--perfetto", str(records)), "is a file being read"),
+        (("--html", str(rotated)), "is a file being read"),
+        (("--perfetto", str(rotated)), "is a file being read"),
+        (("--html", "-"), "not standard output"),
         (("--html", str(tmp_path / "o"), "--perfetto", str(tmp_path / "o")), "is also written"),
         (("--html", str(tmp_path)), "not a regular file"),
         (("--html", "/dev/null"), "not a regular file"),
@@ -485,7 +490,9 @@ def test_file_outputs_never_replace_what_is_not_a_report_file(tmp_path: Path) ->
         assert result.returncode == 2, (args, result.stderr)
         assert said in result.stderr, (args, result.stderr)
     assert records.read_bytes() == kept
+    assert rotated.read_bytes() == kept
     assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "-").exists()
     assert Path("/dev/null").is_char_device()
     # A symbolic link is written through, and stays a link.
     (tmp_path / "target.html").write_text("old")
@@ -494,3 +501,13 @@ def test_file_outputs_never_replace_what_is_not_a_report_file(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "link.html").is_symlink()
     assert (tmp_path / "target.html").read_text().startswith("<!doctype html>")
+    # A file replaced keeps its permissions; a new one has the usual ones.
+    (tmp_path / "target.html").chmod(0o600)
+    result = loopwatch("report", str(records), "--html", str(tmp_path / "link.html"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "target.html").stat().st_mode & 0o777 == 0o600
+    result = loopwatch("report", str(records), "--perfetto", str(tmp_path / "new.json"))
+    assert result.returncode == 0, result.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644 & ~umask

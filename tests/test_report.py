@@ -495,6 +495,16 @@ def test_a_file_of_other_json_lines(tmp_path: Path) -> None:
     )
 
 
+def test_a_file_of_broken_records_says_what_is_wrong(tmp_path: Path) -> None:
+    path = write(tmp_path / "b.jsonl", ['{"type": "request"}'])
+    with pytest.raises(ReportError) as exc:
+        report_of(path)
+    assert str(exc.value) == (
+        f"nothing to report: no request lines in {path} (1 line was not a loopwatch record"
+        " (first malformed at line 1: field 'id' is missing))"
+    )
+
+
 def test_only_meta_and_process_lines(tmp_path: Path) -> None:
     path = write(tmp_path / "p.jsonl", [meta(), sample(1, MB, MB)])
     with pytest.raises(ReportError, match=r"no request lines in .* \(2 meta or process lines only"):

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ from ..report import (
     render_routes,
     render_summary,
 )
+from ..report.sources import rotated_members
 
 if TYPE_CHECKING:
     from . import demo as demo_module
@@ -120,20 +122,23 @@ def _write_outputs(report: Report, outputs: list[tuple[str | None, str]], also_j
 
 def _refused_outputs(outputs: list[tuple[str | None, str]], inputs: Sequence[str]) -> str:
     """Why the ``--html``/``--perfetto`` paths cannot be written, or "": an empty path,
-    one that is not a regular file (a device, a directory, a pipe: a file is written
-    beside the path and renamed onto it, which would replace it), one of the record
-    files read (it would be replaced, and the app writing it would lose what follows),
-    or the same path twice."""
+    ``-``, one that is not a regular file (a device, a directory, a pipe: a file is
+    written beside the path and renamed onto it, which would replace it), one of the
+    record files read, rotated siblings included (it would be replaced, and the app
+    writing it would lose what follows), or the same path twice."""
     seen: list[Path] = []
     for path, kind in outputs:
         if path is None:
             continue
         if not path:
             return f"--{kind} needs a file name."
+        if path == "-":  # standard output is the text report's (or --json's)
+            return f"--{kind} writes a file, not standard output: name one."
         target = Path(os.path.realpath(path))  # a symbolic link: what it points to
         if target.exists() and not target.is_file():
             return f"--{kind} {path}: not a regular file; name a file to write."
-        for other in [*map(Path, inputs), *seen]:
+        read = [Path(p) for name in inputs for p in (name, *rotated_members(name))]
+        for other in [*read, *seen]:
             with contextlib.suppress(OSError):
                 if target == Path(os.path.realpath(other)) or (
                     target.exists() and other.exists() and target.samefile(other)
@@ -181,7 +186,11 @@ def _write_atomically(path: Path, data: bytes) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644 & ~_umask())
+        try:  # a file replaced keeps its permissions (a report kept private stays so)
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o644 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -307,10 +307,14 @@ def _not_requests(f: Any) -> str:
     strangers = f.malformed + f.overlong + f.unknown
     if strangers:
         verb = "was not a loopwatch record" if strangers == 1 else "were not loopwatch records"
-        parts.append(
-            f"{fmt_count(strangers, 'line')} {verb} (malformed, too long or of an unknown "
-            "type; a compressed file must be uncompressed first)"
-        )
+        if f.malformed and "not JSON" not in f.first_malformed:  # valid JSON: say what is wrong
+            why = f"first malformed at {f.first_malformed}"
+        else:
+            why = (
+                "malformed, too long or of an unknown type; "
+                "a compressed file must be uncompressed first"
+            )
+        parts.append(f"{fmt_count(strangers, 'line')} {verb} ({why})")
     for v, k in sorted(f.versions.items()):
         parts.append(f"{fmt_count(k, 'line')} of record format version {v}, not supported")
     if f.other:

@@ -92,9 +92,7 @@ def open_sources(paths: list[str]) -> Iterator[Source]:
         named.add(_name(path))
         head = _open(path, seen)
         members = []
-        n = 1
-        while os.path.lexists(member := f"{path}.{n}"):
-            n += 1
+        for member in rotated_members(path):
             if _name(member) not in named:
                 named.add(_name(member))
                 rotated.add(_name(member))
@@ -106,6 +104,17 @@ def open_sources(paths: list[str]) -> Iterator[Source]:
         finally:
             for source in [head, *members]:
                 source.close()
+
+
+def rotated_members(path: str) -> list[str]:
+    """The rotated siblings a report of ``path`` reads with it: ``PATH.1`` … ``PATH.N``,
+    each that exists (a dangling link too, to be refused when opened), newest first."""
+    members = []
+    n = 1
+    while os.path.lexists(member := f"{path}.{n}"):
+        members.append(member)
+        n += 1
+    return members
 
 
 def _name(path: str) -> str:
