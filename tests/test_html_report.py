@@ -737,6 +737,49 @@ def test_it_fits_a_phone_and_a_tap_shows_a_request(
         assert page.locator("#tip").is_visible()
 
 
+def _swipe(page: Any, x0: float, y0: float, x1: float, y1: float, steps: int = 12) -> None:
+    """One finger from (x0, y0) to (x1, y1), as a touchscreen sends it (CDP touch events:
+    the browser, not the page, decides what the gesture does)."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send(
+        "Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x0, "y": y0}]}
+    )
+    for k in range(1, steps + 1):
+        point = {"x": x0 + (x1 - x0) * k / steps, "y": y0 + (y1 - y0) * k / steps}
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})
+        page.wait_for_timeout(16)
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    page.wait_for_timeout(300)  # (a fling's end)
+    cdp.detach()
+
+
+def test_on_a_phone_a_swipe_moves_in_time_or_scrolls_the_page(browser: Any, tmp_path: Path) -> None:
+    # More rows than the timeline shows at once: its rows scroll.
+    records = write(tmp_path / "many.jsonl", *(request(k, T0 + 0.002 * k) for k in range(300)))
+    path, _ = html_and_json(records)
+    phone = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
+    with opened(browser, path, **phone) as seen:
+        page = seen.page
+        page.evaluate("loopwatch.timeline.view.zoom(0.25)")  # room to move in time
+        page.locator(".tl-box").scroll_into_view_if_needed()
+        b = page.locator(".tl-box").bounding_box()
+        before = page.evaluate("[loopwatch.timeline.view.lo, loopwatch.timeline.view.hi]")
+        mid = b["y"] + min(b["height"], 844 - b["y"]) / 2
+        _swipe(page, b["x"] + b["width"] * 0.8, mid, b["x"] + b["width"] * 0.2, mid)
+        after = page.evaluate("[loopwatch.timeline.view.lo, loopwatch.timeline.view.hi]")
+        # As far as the finger went (not one move's worth, then taken by the browser).
+        g = page.evaluate("loopwatch.timeline.geom()")
+        went = b["width"] * 0.6 / g["width"] * (before[1] - before[0])
+        assert after[0] - before[0] == pytest.approx(went, rel=0.1)
+        assert after[1] - after[0] == pytest.approx(before[1] - before[0])
+        # Up, once the rows are at their end: the page scrolls on, not stuck on the rows.
+        page.evaluate("(s => { s.scrollTop = s.scrollHeight; })(loopwatch.timeline.scroller)")
+        scrolled = page.evaluate("window.scrollY")
+        _swipe(page, b["x"] + b["width"] / 2, mid, b["x"] + b["width"] / 2, mid - 300)
+        assert page.evaluate("window.scrollY") > scrolled
+        assert seen.errors == []
+
+
 # --- in the browser: edge cases ------------------------------------------------------------
 
 
@@ -831,6 +874,38 @@ def test_stalls_are_marked_on_the_loop_chart(browser: Any, tmp_path: Path) -> No
         assert f"Stall: {fmt_ms(stalls[2].duration_ms)}" in page.locator("#tip").inner_text()
         assert "5 stalls" in page.locator("#loop").inner_text()
         assert "delayed no other request" in page.locator("#loop").inner_text()
+
+
+def test_a_busy_share_with_no_neighbour_is_drawn(browser: Any, tmp_path: Path) -> None:
+    # A process's first sample has no busy share yet: a short run (the demo's) has one
+    # known value between unknowns, which a line alone never drew.
+    busy = [None, 0.4, None, 0.7]
+    records = write(
+        tmp_path / "lone.jsonl",
+        *(request(k, T0 + 0.1 * k) for k in range(12)),
+        *(sample(T0 + 0.5 * k, loop_busy=b) for k, b in enumerate(busy)),
+    )
+    path, _ = html_and_json(records)
+    with opened(browser, path) as seen:
+        assert seen.errors == []
+        drawn = seen.page.evaluate(
+            """async () => {
+                await new Promise((done) => requestAnimationFrame(done));
+                const c = loopwatch.charts[1], g = c.geom(), r = window.devicePixelRatio;
+                const ctx = c.canvas.getContext("2d"), line = c.lines[0];
+                const top = c.yTop;
+                return line.t.flatMap((t, i) => line.v[i] === null ? [] : [[
+                    Array.from(ctx.getImageData(
+                        Math.round(c.x(t) * r) - 1, // (the last one is at the clip's edge)
+                        Math.round((g.top + g.height - (line.v[i] / top) * g.height) * r), 1, 1
+                    ).data.slice(0, 3)),
+                    line.color,
+                ]]);
+            }"""
+        )
+        assert len(drawn) == 2
+        for pixel, colour in drawn:
+            assert "#" + "".join(f"{c:02x}" for c in pixel) == colour
 
 
 def test_formatting_is_the_terminals(browser: Any, tmp_path: Path) -> None:

@@ -127,20 +127,22 @@ class SeriesChart {
       ctx.strokeStyle = line.color;
       ctx.setLineDash(line.dash ? [5, 3] : []);
       ctx.beginPath();
-      let open = false, alone = null;
+      // A value with no neighbour to join (one sample, or unknowns either side: the
+      // first busy share of each process) is drawn as a dot.
+      const dots = [];
+      let run = 0, first = null;
       for (let i = a; i <= b; i++) {
         const v = line.v[i];
-        if (v === null) { open = false; continue; }
+        if (v === null) { if (run === 1) dots.push(first); run = 0; continue; }
         const px = this.x(line.t[i]), py = y(v);
-        if (open) ctx.lineTo(px, py);
-        else { ctx.moveTo(px, py); alone = [px, py]; }
-        open = true;
+        if (run) ctx.lineTo(px, py);
+        else { ctx.moveTo(px, py); first = [px, py]; }
+        run++;
       }
+      if (run === 1) dots.push(first);
       ctx.stroke();
-      if (a === b && alone) { // a single sample: a dot
-        ctx.fillStyle = line.color;
-        ctx.fillRect(alone[0] - 2, alone[1] - 2, 4, 4);
-      }
+      ctx.fillStyle = line.color;
+      for (const [px, py] of dots) ctx.fillRect(px - 2, py - 2, 4, 4);
     }
     ctx.setLineDash([]);
     for (const m of this.marks) {

@@ -118,7 +118,7 @@ function routes(r) {
   if (rows.every((x) => x.db_statements_mean === null)) cols = cols.filter(([k]) => k !== "stmts" && k !== "queries");
   const means = cols.some(([k]) => k === "stmts") ? "cpu, db, statements, queries," : "cpu, db,";
   const table = h("table", { class: "figures routes", id: "routes-table" },
-    h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "route" }), cols.map(([k]) => h("th", { scope: "col", text: k })))),
+    h("thead", {}, h("tr", {}, h("th", { scope: "col", class: "route", text: "route" }), cols.map(([k]) => h("th", { scope: "col", text: k })))),
     h("tbody", {}, rows.map((row, i) => h("tr", { "data-route": i },
       h("th", { scope: "row", class: "route", text: routeLabel(row) }),
       cols.map(([k, cell]) => h("td", { "data-col": k, text: cell(row) }))))));
