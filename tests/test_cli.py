@@ -137,6 +137,13 @@ def test_bad_arguments_get_a_usage_error(recorded: Path, args: list[str]) -> Non
     assert "error:" in result.stderr
 
 
+def test_a_width_too_narrow_says_the_least_there_is(recorded: Path) -> None:
+    for width in ("0", "-3", "19"):
+        result = loopwatch("report", str(recorded), "--width", width)
+        assert result.returncode == 2
+        assert f"a width of {width} is too narrow (at least 20)" in result.stderr
+
+
 def test_missing_file_is_one_clear_line(tmp_path: Path) -> None:
     result = loopwatch("report", str(tmp_path / "nope.jsonl"))
     assert result.returncode == 1

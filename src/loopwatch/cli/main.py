@@ -343,7 +343,10 @@ def _positive(text: str) -> int:
 
 
 def _width_arg(text: str) -> int:
-    n = _positive(text)
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if n < 20:
         raise argparse.ArgumentTypeError(f"a width of {n} is too narrow (at least 20)")
     return n

@@ -259,7 +259,7 @@ def _window(r: Reading, s: Summary, options: ReportOptions) -> tuple[list[int], 
         a, w = r.start[i], r.wall[i]
         return (-(min(a + w / 1000, hi) - max(a, lo)), w)
 
-    return sorted(inside, key=key)[: options.rows], f"{title} ({options.rows} shown)"
+    return sorted(inside, key=key)[: options.rows], f"{title} ({options.rows:,} shown)"
 
 
 def _largest(n: int) -> Callable[[int, Sequence[float]], list[int]]:
