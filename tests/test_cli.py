@@ -518,3 +518,7 @@ def test_file_outputs_never_replace_what_is_not_a_report_file(tmp_path: Path) ->
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644 & ~umask
+    # Options of the text report, which is not printed: said, not silently dropped.
+    result = loopwatch("report", str(records), "--html", str(tmp_path / "new.html"), "--ascii")
+    assert result.returncode == 0, result.stderr
+    assert "--width and --ascii shape the text report" in result.stderr

@@ -90,6 +90,9 @@ def _report(args: argparse.Namespace) -> int:
         print(f"loopwatch: {exc}", file=sys.stderr)
         return 1
     if to_files:
+        if args.width is not None or args.ascii:
+            print("loopwatch: note: --width and --ascii shape the text report, which "
+                  "--html and --perfetto replace: ignored", file=sys.stderr)  # fmt: skip
         return _write_outputs(report, outputs, args.json)
     if args.json:
         text = json.dumps(report.to_json(), indent=2)
