@@ -72,24 +72,20 @@ def render(report: Report, width: int, *, ascii: bool = False, color: bool = Fal
 
 
 def _report(args: argparse.Namespace) -> int:
-    outputs = [(args.html, "html"), (args.perfetto, "perfetto")]
-    to_files = args.html is not None or args.perfetto is not None
-    if to_files:  # (before the reading: a wrong path is said at once)
-        refused = _refused_outputs(outputs, args.files)
-        if refused:
-            print(f"loopwatch: {refused}", file=sys.stderr)
-            return 2
+    outputs = _outputs_asked(args)
+    if _said_refused(outputs, args.files):  # before the reading: a wrong path is said at once
+        return 2
     options = ReportOptions(
         last=args.last, slowest=args.slowest, route=args.route, since=args.since, until=args.until
     )
-    if to_files:  # a file's timeline has room for more rows than a terminal
+    if outputs:  # a file's timeline has room for more rows than a terminal
         options.rows = FILE_ROWS
     try:
         report = build_report(args.files, options)
     except ReportError as exc:
         print(f"loopwatch: {exc}", file=sys.stderr)
         return 1
-    if to_files:
+    if outputs:
         if args.width is not None or args.ascii:
             print("loopwatch: note: --width and --ascii shape the text report, which "
                   "--html and --perfetto replace: ignored", file=sys.stderr)  # fmt: skip
@@ -110,7 +106,7 @@ def _report(args: argparse.Namespace) -> int:
 FILE_ROWS = 2000  # the default window of --html and --perfetto, in requests
 
 
-def _write_outputs(report: Report, outputs: list[tuple[str | None, str]], also_json: bool) -> int:
+def _write_outputs(report: Report, outputs: list[tuple[str, str]], also_json: bool) -> int:
     """``--html`` and ``--perfetto``: write each file, and print the JSON summary too if
     ``--json`` was given."""
     if _write_files(report, outputs):
@@ -123,16 +119,31 @@ def _write_outputs(report: Report, outputs: list[tuple[str | None, str]], also_j
     return 0
 
 
-def _refused_outputs(outputs: list[tuple[str | None, str]], inputs: Sequence[str]) -> str:
+def _outputs_asked(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The files asked for, as ``(path, kind)``: ``--html`` and ``--perfetto``."""
+    asked = [(args.html, "html"), (args.perfetto, "perfetto")]
+    return [(path, kind) for path, kind in asked if path is not None]
+
+
+def _said_refused(outputs: list[tuple[str, str]], inputs: Sequence[str]) -> bool:
+    """True, once the reason is said on stderr, when an output path is refused."""
+    refused = _refused_outputs(outputs, inputs)
+    if refused:
+        print(f"loopwatch: {refused}", file=sys.stderr)
+    return bool(refused)
+
+
+def _refused_outputs(outputs: list[tuple[str, str]], inputs: Sequence[str]) -> str:
     """Why the ``--html``/``--perfetto`` paths cannot be written, or "": an empty path,
     ``-``, one that is not a regular file (a device, a directory, a pipe: a file is
     written beside the path and renamed onto it, which would replace it), one of the
     record files read, rotated siblings included (it would be replaced, and the app
     writing it would lose what follows), or the same path twice."""
+    if not outputs:
+        return ""
+    read = [Path(p) for name in inputs for p in (name, *rotated_members(name))]
     seen: list[Path] = []
     for path, kind in outputs:
-        if path is None:
-            continue
         if not path:
             return f"--{kind} needs a file name."
         if path == "-":  # standard output is the text report's (or --json's)
@@ -140,7 +151,6 @@ def _refused_outputs(outputs: list[tuple[str | None, str]], inputs: Sequence[str
         target = Path(os.path.realpath(path))  # a symbolic link: what it points to
         if target.exists() and not target.is_file():
             return f"--{kind} {path}: not a regular file; name a file to write."
-        read = [Path(p) for name in inputs for p in (name, *rotated_members(name))]
         for other in [*read, *seen]:
             with contextlib.suppress(OSError):
                 if target == Path(os.path.realpath(other)) or (
@@ -164,12 +174,10 @@ def file_renderer(kind: str) -> Callable[[Report], bytes]:
     return perfetto_trace
 
 
-def _write_files(report: Report, outputs: list[tuple[str | None, str]]) -> int:
+def _write_files(report: Report, outputs: list[tuple[str, str]]) -> int:
     """Write each ``(path, kind)`` (whole or not at all) and say where on stderr; 0, or
     1 when one could not be written (the error said on stderr)."""
     for path, kind in outputs:
-        if path is None:
-            continue
         try:
             size = _write_atomically(Path(path), file_renderer(kind)(report))
         except OSError as exc:
@@ -214,11 +222,8 @@ def _demo(args: argparse.Namespace) -> int:
     dsn = args.dsn or os.environ.get("LOOPWATCH_DSN")
     blocking = demo.BLOCKING_REQUESTS if args.blocking else 0
     reports: list[Report] = []
-    files = [(args.html, "html"), (args.perfetto, "perfetto")]
-    to_files = args.html is not None or args.perfetto is not None
-    refused = _refused_outputs(files, []) if to_files else ""
-    if refused:  # said before the demo runs, not after
-        print(f"loopwatch: {refused}", file=sys.stderr)
+    files = _outputs_asked(args)
+    if _said_refused(files, []):  # before the demo runs, not after
         return 2
     wide: list[Report] = []
 
@@ -238,7 +243,7 @@ def _demo(args: argparse.Namespace) -> int:
             )
             if not reports:
                 reports.append(build_report([str(ran.record_file)], ReportOptions()))
-            if to_files:  # the same run, with the files' window (the terminal's has 40 rows)
+            if files:  # the same run, with the files' window (the terminal's has 40 rows)
                 wide.append(build_report([str(ran.record_file)], ReportOptions(rows=FILE_ROWS)))
     except (demo.DemoError, ReportError) as exc:
         print(f"loopwatch: {exc}", file=sys.stderr)
@@ -335,21 +340,22 @@ def _color() -> bool:
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-def _positive(text: str) -> int:
+def _whole(text: str) -> int:
     try:
-        n = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _positive(text: str) -> int:
+    n = _whole(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return n
 
 
 def _width_arg(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    n = _whole(text)
     if n < 20:
         raise argparse.ArgumentTypeError(f"a width of {n} is too narrow (at least 20)")
     return n

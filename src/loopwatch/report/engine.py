@@ -28,7 +28,7 @@ from .quantiles import vectorised
 from .queueing import sync_workers, traffic_of
 from .reading import MAX_ROUTES, Reading, read_files
 from .series import Series, series_of
-from .slowpath import SAMPLE_SLACK_S
+from .slowpath import NOT_JSON, SAMPLE_SLACK_S
 from .summary import Summary
 
 __all__ = [
@@ -307,7 +307,7 @@ def _not_requests(f: Any) -> str:
     strangers = f.malformed + f.overlong + f.unknown
     if strangers:
         verb = "was not a loopwatch record" if strangers == 1 else "were not loopwatch records"
-        if f.malformed and "not JSON" not in f.first_malformed:  # valid JSON: say what is wrong
+        if f.malformed and NOT_JSON not in f.first_malformed:  # JSON: say what is wrong
             why = f"first malformed at {f.first_malformed}"
         else:
             why = (

@@ -24,6 +24,7 @@ SAMPLE_SLACK_S = 1.0
 
 Unsupported = dict[int, int]  # pid -> the record version its meta line declared
 _DATA = frozenset(("request", "process", "stall"))  # lines a process writes after its meta line
+NOT_JSON = "line is not JSON"  # the reason a line that no JSON parser reads is malformed
 
 
 def read_line(
@@ -35,7 +36,7 @@ def read_line(
         d = decode(line)
     except (ValueError, RecursionError) as exc:
         if line and not line.isspace():
-            malformed(info, f"line is not JSON ({type(exc).__name__})")
+            malformed(info, f"{NOT_JSON} ({type(exc).__name__})")
         return None
     if type(d) is not dict:
         malformed(info, f"a record must be a JSON object, not {type(d).__name__}")
