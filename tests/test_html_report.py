@@ -32,7 +32,13 @@ from loopwatch.report import capacity as capacity_mod
 from loopwatch.report import loop as loop_mod
 from loopwatch.report.capacity import Capacity
 from loopwatch.report.loop import LoopStats, StallGroup
-from loopwatch.report.summary import _ROUTE_COLUMNS, ProcessMemory, RouteStats, _memory_line
+from loopwatch.report.summary import (
+    _ROUTE_COLUMNS,
+    Distribution,
+    ProcessMemory,
+    RouteStats,
+    _memory_line,
+)
 
 from .conftest import serve
 from .helpers import read_lines
@@ -311,14 +317,19 @@ def test_the_page_loads_offline_with_no_request_and_no_error(
     assert data["requests"] > 20
 
 
+# --json's figures (the summary's as f"{figure}_ms", the routes' as f"{figure}_{pct}_ms")
+FIGURES = ("wall", "cpu", "db", "pool_wait", "loop_wait")
+PCTS = ("p50", "p95", "p99", "max")
+
+
 def test_the_summary_shows_the_figures_of_json(
     browser: Any, page_of_recorded: tuple[Path, dict[str, Any]]
 ) -> None:
     path, data = page_of_recorded
     with opened(browser, path) as seen:
         page = seen.page
-        for key in ("wall_ms", "cpu_ms", "db_ms", "pool_wait_ms", "loop_wait_ms"):
-            for p in ("p50", "p95", "p99", "max"):
+        for key in (f"{f}_ms" for f in FIGURES):
+            for p in PCTS:
                 assert page.text_content(f'#summary-table [data-key="{key}.{p}"]') == fmt_ms(
                     data[key][p]
                 ), (key, p)
@@ -366,10 +377,6 @@ def test_the_route_table_has_the_rows_of_json(
             assert row.locator("th").text_content() == stats.label
             for heading, cell, _ in _ROUTE_COLUMNS:  # the terminal's own cells
                 assert row.locator(f'td[data-col="{heading}"]').text_content() == cell(stats)
-
-
-FIGURES = ("wall", "cpu", "db", "pool_wait", "loop_wait")
-PCTS = ("p50", "p95", "p99", "max")
 
 
 def test_each_route_s_distributions_show_the_figures_of_json(
@@ -475,8 +482,7 @@ def route_stats(r: dict[str, Any]) -> RouteStats:
         route=r["route"],
         method=r["method"],
         requests=r["requests"],
-        wall_p50=r["wall_p50_ms"],
-        wall_p95=r["wall_p95_ms"],
+        wall=Distribution(*(r[f"wall_{p}_ms"] for p in PCTS)),
         cpu_mean=r["cpu_mean_ms"],
         db_mean=r["db_mean_ms"],
         pool_mean=r["pool_wait_mean_ms"],

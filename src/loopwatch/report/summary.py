@@ -70,8 +70,7 @@ _NONE = Distribution(0.0, 0.0, 0.0, 0.0)
 class RouteStats:
     route: str  # clean()ed; "(no route)" or "(N more routes)"
     requests: int
-    wall_p50: float
-    wall_p95: float
+    wall: Distribution  # of its requests' wall times (the recorded ones, when sampled)
     cpu_mean: float
     db_mean: float
     pool_mean: float
@@ -83,12 +82,19 @@ class RouteStats:
     # Mean db_statements per request, over the requests that recorded it (None: none did).
     statements_mean: float | None = None
     queries_mean: float = 0.0  # mean db_queries (round trips) per request
-    # Their distributions (of the recorded requests, as the summary's, when sampled).
-    wall: Distribution = _NONE
+    # The distributions of the means above (of the recorded requests, when sampled).
     cpu: Distribution = _NONE
     db: Distribution = _NONE
     pool: Distribution = _NONE
     loop: Distribution = _NONE
+
+    @property
+    def wall_p50(self) -> float:
+        return self.wall.p50
+
+    @property
+    def wall_p95(self) -> float:
+        return self.wall.p95
 
     @property
     def label(self) -> str:
@@ -100,9 +106,7 @@ class RouteStats:
             "method": self.method,
             "route": self.route,
             "requests": self.requests,
-            "wall_p50_ms": round(self.wall_p50, 3),
-            "wall_p95_ms": round(self.wall_p95, 3),
-            **_keys("wall", self.wall, ("p99", "max")),
+            **_keys("wall", self.wall),
             "cpu_mean_ms": round(self.cpu_mean, 3),
             **_keys("cpu", self.cpu),
             "db_mean_ms": round(self.db_mean, 3),
@@ -121,10 +125,8 @@ class RouteStats:
         }
 
 
-def _keys(
-    name: str, d: Distribution, which: tuple[str, ...] = ("p50", "p95", "p99", "max")
-) -> dict[str, float]:
-    return {f"{name}_{k}_ms": round(getattr(d, k), 3) for k in which}
+def _keys(name: str, d: Distribution) -> dict[str, float]:
+    return {f"{name}_{k}_ms": v for k, v in d.to_json().items()}
 
 
 def route_table(reading: Reading, rows: int = ROUTE_ROWS) -> tuple[list[RouteStats], int]:
@@ -170,15 +172,13 @@ def _route_stats(
     a: RouteAcc, name: str, method: str | None = None, *, vector: Any = None
 ) -> RouteStats:
     walls = a.walls  # (sorted)
-    wall = Distribution.of_sorted(walls)
     n = max(a.count, 1)
     return RouteStats(
         route=name,
         method=method,
         client_errors=a.client_errors,
         requests=a.count,
-        wall_p50=wall.p50,
-        wall_p95=wall.p95,
+        wall=Distribution.of_sorted(walls),
         cpu_mean=sum(a.cpus) / n,
         db_mean=sum(a.dbs) / n,
         pool_mean=sum(a.pools) / n,
@@ -187,7 +187,6 @@ def _route_stats(
         queries_mean=a.queries / n,
         errors=a.errors,
         wall_total=sum(walls),
-        wall=wall,
         cpu=_row_distribution(a.cpus, vector),
         db=_row_distribution(a.dbs, vector),
         pool=_row_distribution(a.pools, vector),
