@@ -22,18 +22,12 @@ from starlette.routing import Route
 
 from loopwatch import LoopWatch, create_pool
 
-from .helpers import burn_cpu
+from .helpers import burn_cpu, gc_off_if_asked
 
 DSN = os.environ.get("LOOPWATCH_TEST_DSN", "")
 POOL_MAX = int(os.environ.get("POOL_MAX", "5"))
 
-if os.environ.get("GC_OFF"):
-    # A garbage collection is real CPU on the loop, charged to the step it interrupts
-    # (on Python 3.13 a generation-1 pass took 3-6 ms in the middle of a request's 12 ms
-    # burn): tests of how CPU is attributed between requests turn it off.
-    import gc
-
-    gc.disable()
+gc_off_if_asked()
 
 
 @contextlib.asynccontextmanager

@@ -5,7 +5,7 @@ Configured by environment variables: LOOPWATCH_FILE, LOOPWATCH_TEST_DSN (Postgre
 asyncpg takes it), DRIVER (``asyncpg``, ``psycopg``; ``bare``: SQLAlchemy's own engine,
 then ``instrument()``), POOL_MAX (the pool size, no overflow), OTEL (``1``: spans kept
 in memory, read back at /spans), OTEL_SQLALCHEMY (``1``: the same, and OpenTelemetry's
-SQLAlchemy instrumentation on too).
+SQLAlchemy instrumentation on too), GC_OFF (``1``: no garbage collection).
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from sqlmodel.ext.asyncio.session import AsyncSession as SQLModelSession
 from loopwatch import LoopWatch
 from loopwatch.integrations.sqlalchemy import create_async_engine, instrument
 
-from .helpers import burn_cpu, finished_spans, in_memory_spans
+from .helpers import burn_cpu, finished_spans, gc_off_if_asked, in_memory_spans
 
 DSN = os.environ.get("LOOPWATCH_TEST_DSN", "")
 DRIVER = os.environ.get("DRIVER", "asyncpg")
 POOL_MAX = int(os.environ.get("POOL_MAX", "5"))
 spans: Any = None
+gc_off_if_asked()
 
 
 class Item(SQLModel, table=True):
